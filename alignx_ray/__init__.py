@@ -1,0 +1,1 @@
+"""AlignX: personalized preference alignment over a shared preference space."""

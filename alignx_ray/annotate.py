@@ -1,0 +1,180 @@
+"""Annotation: every response labelled on every dimension of the space (paper §4.1 step 1).
+
+Pure core: `QuestionBank` (token ids of the prompt segments) and `label_batch` (a batch of
+responses -> levels and option probabilities through any `ScoringEngine`). Ray layer:
+`AnnotateUDF`, a stateful Ray Data actor that owns one engine, and `run_annotate`, which
+maps it over the responses table with an autoscaling actor pool and checkpoints by
+`response_id`, so a re-run after a kill skips what was already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alignx_ray import prompts
+from alignx_ray.config import RayConfig, Section, SpaceConfig
+from alignx_ray.engines import EngineConfig, ScoreRequest, make_engine
+from alignx_ray.space import LEVEL_HIGH, LEVEL_LOW, LEVEL_MEDIAN, SPACE
+
+# Argmax option index -> level: (1) high = 3, (2) low = 1, (3) cannot reflect = 2.
+OPTION_INDEX_TO_LEVEL = np.array([LEVEL_HIGH, LEVEL_LOW, LEVEL_MEDIAN], dtype=np.uint8)
+REJECT_COLUMN = "reject_reason"
+
+
+class QuestionBank:
+    """Token ids of every annotation segment, computed once per tokenizer and space."""
+
+    def __init__(self, tokenizer, templates: prompts.PromptTemplates, space=SPACE):
+        self.tokenizer = tokenizer
+        self.layout = prompts.annotation_layout(tokenizer, templates, space)
+        self.head = self.encode(self.layout.head)
+        self.questions = [self.encode(self.layout.branch(prompts.format_question(d, templates))) for d in space]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prefix(self, post: str, comment: str) -> list[int]:
+        return self.head + self.encode(self.layout.post_part(post)) + self.encode(self.layout.comment_part(comment))
+
+    def request(self, post: str, comment: str, dims: list[int] | None = None) -> ScoreRequest:
+        questions = self.questions if dims is None else [self.questions[d] for d in dims]
+        return ScoreRequest(self.prefix(post, comment), questions)
+
+
+def levels_from_probs(probs: np.ndarray) -> np.ndarray:
+    """(..., 3) option probabilities -> (...) uint8 levels by argmax."""
+    return OPTION_INDEX_TO_LEVEL[np.asarray(probs).argmax(-1)]
+
+
+def label_batch(engine, bank: QuestionBank, posts, responses, max_prompt_tokens: int | None = None) -> dict:
+    """Label a batch of responses; over-long prompts are marked with a reject reason."""
+    requests = [bank.request(p, r) for p, r in zip(posts, responses)]
+    longest_question = max(map(len, bank.questions))
+    too_long = [max_prompt_tokens is not None and len(q.prefix) + longest_question > max_prompt_tokens
+                for q in requests]
+    scored = iter(engine.score([q for q, bad in zip(requests, too_long) if not bad]))
+    n_dims = len(bank.questions)
+    levels, probs, reasons = [], [], []
+    for q, bad in zip(requests, too_long):
+        if bad:
+            levels.append(np.zeros(0, np.uint8))
+            probs.append(np.zeros((0, 3), np.float32))
+            reasons.append(f"prompt_too_long: {len(q.prefix)} prefix tokens + questions > {max_prompt_tokens}")
+        else:
+            p = next(scored)
+            assert p.shape == (n_dims, 3)
+            levels.append(levels_from_probs(p))
+            probs.append(p.astype(np.float32))
+            reasons.append(None)
+    return {
+        "levels": levels,
+        "option_probs": probs,
+        REJECT_COLUMN: reasons,
+        "unique_tokens": [q.unique_tokens() for q in requests],
+    }
+
+
+class AnnotateConfig(Section):
+    """The annotation stage.
+
+    engine: which scorer and how it is set up (see `EngineConfig`).
+    batch_responses: responses per actor call; a response's questions always stay together.
+    concurrency: (min, max) actors; Ray Data scales the pool between them with the backlog.
+    num_gpus / num_cpus: resources per actor (num_gpus = tensor_parallel_size on GPUs).
+    max_prompt_tokens: longest prompt the engine takes (None: the engine's own limit).
+    """
+
+    engine: EngineConfig = EngineConfig()
+    batch_responses: int = 8
+    concurrency: tuple[int, int] = (1, 1)
+    num_gpus: float = 0
+    num_cpus: float = 1
+    max_prompt_tokens: int | None = 2048
+
+
+class AnnotateUDF:
+    """Ray Data actor: loads the tokenizer and engine once, then labels batches."""
+
+    def __init__(self, config: AnnotateConfig, model_path: str, templates: prompts.PromptTemplates,
+                 space: SpaceConfig):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.config = config
+        self.bank = QuestionBank(tokenizer, templates, space.build())
+        self.engine = make_engine(config.engine, model_path, tokenizer)
+        self.model_id = Path(model_path).name if os.path.exists(model_path) else model_path
+        self.prompt_version = templates.version
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = label_batch(self.engine, self.bank, batch["post"].to_pylist(), batch["response"].to_pylist(),
+                          self.config.max_prompt_tokens)
+        n = batch.num_rows
+        return batch.append_column("levels", pa.array([lv.tolist() for lv in out["levels"]], pa.list_(pa.uint8()))) \
+            .append_column("option_probs", pa.array([p.tolist() for p in out["option_probs"]],
+                                                    pa.list_(pa.list_(pa.float32(), 3)))) \
+            .append_column(REJECT_COLUMN, pa.array(out[REJECT_COLUMN], pa.string())) \
+            .append_column("unique_tokens", pa.array(out["unique_tokens"], pa.int64())) \
+            .append_column("engine", pa.array([self.engine.name] * n)) \
+            .append_column("model", pa.array([self.model_id] * n)) \
+            .append_column("prompt_version", pa.array([self.prompt_version] * n))
+
+
+def run_annotate(config: AnnotateConfig, responses_dir: Path, out_dir: Path, model_path: str,
+                 templates: prompts.PromptTemplates, space: SpaceConfig) -> dict:
+    """Map the annotation actor over the responses table; resumable by `response_id`.
+
+    Output: `out_dir/data/*.parquet` (one row per response, input columns kept), rejected rows
+    in `out_dir/_rejected/`, `out_dir/_manifest.json` written last.
+    """
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
+    started = time.time()
+    ctx = ray.data.DataContext.get_current()
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column="response_id", checkpoint_path=str((out_dir / "_checkpoint").resolve()),
+        delete_checkpoint_on_success=False,
+    )
+    try:
+        ds = ray.data.read_parquet(str(responses_dir.resolve()))
+        ds = ds.map_batches(
+            AnnotateUDF, fn_constructor_kwargs=dict(config=config, model_path=model_path, templates=templates,
+                                                    space=space),
+            batch_size=config.batch_responses, batch_format="pyarrow", concurrency=tuple(config.concurrency),
+            num_gpus=config.num_gpus, num_cpus=config.num_cpus,
+        )
+        ds.write_parquet(str((out_dir / "data").resolve()))
+    finally:
+        ctx.checkpoint_config = None
+    return finish_stage(out_dir, "annotate", started)
+
+
+def finish_stage(out_dir: Path, stage: str, started: float) -> dict:
+    """Split rejected rows out, check every id is present exactly once, write the manifest last."""
+    table = pq.read_table(out_dir / "data")
+    ids = table["response_id"].to_numpy(zero_copy_only=False)
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"{stage}: duplicate ids in {out_dir / 'data'}")
+    bad = table.filter(pa.compute.is_valid(table[REJECT_COLUMN]))
+    (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
+    pq.write_table(bad, out_dir / "_rejected" / f"{stage}.parquet")
+    seconds = time.time() - started
+    labelled = table.num_rows - bad.num_rows
+    figures = {
+        "responses_in": table.num_rows,
+        "labelled": labelled,
+        "rejected": bad.num_rows,
+        "seconds": round(seconds, 2),
+        "responses_per_s": round(labelled / seconds, 3) if seconds else None,
+        "unique_tokens_per_s": round(pa.compute.sum(table["unique_tokens"]).as_py() / seconds, 1) if seconds else None,
+    }
+    (out_dir / "_manifest.json").write_text(json.dumps(figures, indent=1))
+    return figures

@@ -1,0 +1,183 @@
+"""The tiny annotator: a tiny model fine-tuned to read the demo's planted traits.
+
+A random-weight model labels at random, and then nothing downstream of annotation means
+anything. So the demo's annotator is the tiny model fine-tuned, on CPU in a few minutes, on
+annotation prompts rendered by `alignx_ray.prompts` for generated threads of *other* seeds
+than the demo's, with the planted answer as target. Training uses the same packed prefix
+trees as scoring: one response's prefix once and many question branches, a loss at every
+branch end. The result is cached per machine, keyed by everything that shapes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from alignx_ray import prompts, synthetic
+from alignx_ray.config import Section
+from alignx_ray.space import LEVEL_HIGH, LEVEL_LOW, SPACE
+from alignx_ray.tiny import TinyModelSpec, build_tiny_model
+from alignx_ray.annotate import QuestionBank
+from alignx_ray.tree import branch_logits, pack_tree
+
+# Level -> index of the answer option ('1' high, '2' low, '3' cannot reflect).
+LEVEL_TO_OPTION_INDEX = {LEVEL_HIGH: 0, LEVEL_LOW: 1, 2: 2}
+TRAIN_SEED_OFFSET = 1_000_003  # demo threads use small seeds; training and evaluation never do
+EVAL_SEED_OFFSET = 2_000_003
+
+
+class AnnotatorConfig(Section):
+    """How the tiny annotator is built.
+
+    Model shape: hidden_size ... num_key_value_heads (vLLM's CPU attention needs head_dim >= 32).
+    Data: train_threads / eval_threads generated threads; unplanted_questions "cannot reflect"
+        questions per response beside its planted ones.
+    Optimisation: steps, batch_size (responses per step), lr with linear warm-up and cosine decay.
+    cache_dir: where built annotators are kept, one folder per configuration.
+    """
+
+    seed: int = 0
+    version: int = 1
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    train_threads: int = 400
+    eval_threads: int = 30
+    unplanted_questions: int = 6
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    cache_dir: str = "~/.cache/alignx-ray/annotators"
+
+    def spec(self) -> TinyModelSpec:
+        return TinyModelSpec(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, seed=self.seed,
+        )
+
+    def cache_key(self) -> str:
+        """Changes with the config, the prompt version and the package data the model learns from."""
+        payload = json.dumps(self.model_dump(exclude={"cache_dir"}), sort_keys=True) + prompts.PROMPT_VERSION
+        payload += "".join(synthetic.corpus_text()) + prompts.corpus_text()
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def training_examples(config: AnnotatorConfig, n_threads: int, seed: int) -> list[tuple[str, str, np.ndarray]]:
+    """(post, comment, planted levels) for generated threads of one seed."""
+    config = replace(synthetic.SyntheticConfig(), n_threads=n_threads, seed=seed)
+    return [(post, text, np.asarray(levels)) for post, text, levels in synthetic.iter_examples(config)]
+
+
+def tree(bank: QuestionBank, post: str, comment: str, dims: list[int] | None = None):
+    request = bank.request(post, comment, dims)
+    return pack_tree(request.prefix, request.branches)
+
+
+def option_probabilities(model, bank: QuestionBank, examples, batch_size: int = 2) -> np.ndarray:
+    """(n_examples, n_dims, 3) probabilities over the options, renormalised over the three."""
+    option_ids = prompts.option_token_ids(bank.tokenizer)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            trees = [tree(bank, post, comment) for post, comment, _ in examples[i:i + batch_size]]
+            for logits in branch_logits(model, trees, bank.tokenizer.pad_token_id):
+                out.append(torch.softmax(logits[:, option_ids].float(), -1).numpy())
+    return np.stack(out)
+
+
+def label_accuracy(levels_true: np.ndarray, probs: np.ndarray) -> dict:
+    """Accuracy of argmax labels against planted levels, overall and on planted dimensions."""
+    option_of_level = np.vectorize(LEVEL_TO_OPTION_INDEX.get)(levels_true)
+    correct = probs.argmax(-1) == option_of_level
+    planted = levels_true != 2
+    return {
+        "accuracy": float(correct.mean()),
+        "planted_accuracy": float(correct[planted].mean()) if planted.any() else float("nan"),
+        "unplanted_accuracy": float(correct[~planted].mean()),
+        "n_labels": int(correct.size),
+        "n_planted": int(planted.sum()),
+    }
+
+
+def _lr_at(step: int, config: AnnotatorConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model, bank: QuestionBank, examples, config: AnnotatorConfig) -> list[float]:
+    """Fine-tune on planted answers; every response contributes all its planted questions."""
+    rng = np.random.default_rng(config.seed)
+    option_ids = prompts.option_token_ids(bank.tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    for step in tqdm(range(config.steps), desc="training tiny annotator", unit="step"):
+        batch = [examples[i] for i in rng.choice(len(examples), config.batch_size, replace=False)]
+        trees, targets = [], []
+        for post, comment, levels in batch:
+            planted = np.flatnonzero(levels != 2)
+            others = rng.choice(np.flatnonzero(levels == 2), config.unplanted_questions, replace=False)
+            dims = rng.permutation(np.concatenate([planted, others])).tolist()
+            trees.append(tree(bank, post, comment, dims))
+            targets += [option_ids[LEVEL_TO_OPTION_INDEX[int(levels[d])]] for d in dims]
+        logits = torch.cat(branch_logits(model, trees, bank.tokenizer.pad_token_id))
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, config)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+def build_annotator(config: AnnotatorConfig = AnnotatorConfig()) -> Path:
+    """Return the cached annotator for this config, building it first when missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(config.cache_dir).expanduser() / f"annotator-s{config.seed}-v{config.version}-{config.cache_key()}"
+    if (out / "annotator_report.json").exists():
+        return out
+    started = time.time()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(tmp, config.spec())
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    torch.manual_seed(config.seed)
+    bank = QuestionBank(tokenizer, prompts.PromptTemplates())
+    train_set = training_examples(config, config.train_threads, TRAIN_SEED_OFFSET + config.seed)
+    losses = train(model, bank, train_set, config)
+    eval_set = training_examples(config, config.eval_threads, EVAL_SEED_OFFSET + config.seed)
+    probs = option_probabilities(model, bank, eval_set)
+    report = {
+        **label_accuracy(np.stack([lv for _, _, lv in eval_set]), probs),
+        "eval_responses": len(eval_set),
+        "train_responses": len(train_set),
+        "final_loss": float(np.mean(losses[-20:])),
+        "seconds": round(time.time() - started, 1),
+        "config": config.model_dump(),
+        "spec": asdict(config.spec()),
+    }
+    model.save_pretrained(tmp)
+    (tmp / "annotator_report.json").write_text(json.dumps(report, indent=1))
+    tmp.rename(out)
+    return out

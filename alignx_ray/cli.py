@@ -1,0 +1,86 @@
+"""`alignx`: one command-line entry for every stage, the demo and the tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+
+def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default, help=f"YAML config (default: {default or 'built-in defaults'})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set annotate.batch_responses=8 (repeatable)")
+
+
+def cmd_tiny_model(args) -> None:
+    from alignx_ray.annotator import AnnotatorConfig, build_annotator
+    from alignx_ray.tiny import TinyModelSpec, build_tiny_model
+
+    if args.annotator:
+        built = build_annotator(AnnotatorConfig(seed=args.seed))
+        report = json.loads((built / "annotator_report.json").read_text())
+        print(f"annotator: {built}\nlabel accuracy on unseen threads: {report['accuracy']:.4f} "
+              f"(planted dimensions {report['planted_accuracy']:.4f})")
+        if args.out:
+            shutil.copytree(built, args.out, dirs_exist_ok=True)
+            print(f"copied to {args.out}")
+        return
+    if not args.out:
+        sys.exit("--out is required (or use --annotator)")
+    out = build_tiny_model(args.out, TinyModelSpec(arch=args.arch, seed=args.seed))
+    print(f"tiny {args.arch} model and tokenizer saved to {out}")
+
+
+def cmd_profile(args) -> None:
+    from alignx_ray.space import describe_direction, parse_profile
+
+    if args.vector is not None:
+        print(describe_direction(json.loads(args.vector)))
+    else:
+        print(json.dumps(parse_profile(args.text)))
+
+
+def cmd_demo(args) -> None:
+    from alignx_ray.config import load_config
+    from alignx_ray.demo import run_demo
+    from alignx_ray.pipeline import RunConfig
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    report = run_demo(config, Path(args.run_dir or config.run_dir))
+    print(f"\nreport: {report.json_path} and {report.json_path.with_suffix('.md')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="build a tiny local tokenizer + model (or the tiny annotator)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    p.add_argument("--annotator", action="store_true",
+                   help="fine-tune the tiny model to read the demo's planted traits (cached per machine)")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("profile", help="convert a PBA profile text to a direction vector and back")
+    p.add_argument("text", nargs="?", default="", help="profile text to parse")
+    p.add_argument("--vector", help="JSON list of directions to describe instead")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("demo", help="run every stage on the embedded default, on a local Ray instance")
+    _config_args(p, "configs/demo.yaml")
+    p.add_argument("--run-dir", help="output directory (default: the config's run_dir)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

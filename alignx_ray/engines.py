@@ -1,0 +1,176 @@
+"""Scoring engines: (shared prefix, question branches) -> probabilities of the three options.
+
+All engines take token ids, never text, so every engine scores exactly the same tokens:
+- `TransformersTreeEngine`: the packed prefix tree (prefix once + all branches, tree mask).
+- `TransformersPlainEngine`: one independent prompt per branch; the reference, and the naive
+  cost the tree is measured against.
+- `VllmEngine`: vLLM's offline engine with automatic prefix caching: each prefix is warmed by
+  itself first, then all its branches are submitted together with `max_tokens=1` and the
+  options' log-probabilities read back (restricted to the three tokens and renormalised).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from alignx_ray.config import Section
+from alignx_ray.tree import branch_logits, pack_tree
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One response to label: its prompt prefix and one branch per question."""
+
+    prefix: list[int]
+    branches: list[list[int]]
+
+    def unique_tokens(self) -> int:
+        return len(self.prefix) + sum(map(len, self.branches))
+
+    def prompt_tokens(self) -> int:
+        return len(self.prefix) * len(self.branches) + sum(map(len, self.branches))
+
+
+class ScoringEngine(Protocol):
+    name: str
+
+    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
+        """One (n_branches, 3) float32 array of option probabilities per request."""
+
+
+class EngineConfig(Section):
+    """Which engine labels, and how it is set up.
+
+    kind: `vllm` (production), `transformers` (packed tree) or `transformers-plain`.
+    model: a local path or a model-store URI the cluster can read; None = the demo's annotator.
+    dtype: torch dtype name; `auto` takes the model's own.
+    device: for the transformers engines (`cuda` when a GPU is assigned, else `cpu`).
+    max_tree_tokens: transformers tree engine packs requests into forward passes of at most
+        this many tokens.
+    vllm: extra keyword arguments for `vllm.LLM` (tensor_parallel_size, max_model_len,
+        gpu_memory_utilization, max_num_seqs, enforce_eager, ...).
+    vllm_env: environment for the engine process (the CPU build needs its KV-cache size).
+    """
+
+    kind: Literal["vllm", "transformers", "transformers-plain"] = "vllm"
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    max_tree_tokens: int = 16384
+    vllm: dict = {
+        "enforce_eager": True,
+        "distributed_executor_backend": "uni",
+        "max_model_len": 2048,
+        "max_num_seqs": 128,
+    }
+    vllm_env: dict[str, str] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _option_probs(logits: torch.Tensor, option_ids: list[int]) -> np.ndarray:
+    return torch.softmax(logits[:, option_ids].float(), -1).cpu().numpy()
+
+
+class _TransformersEngine:
+    def __init__(self, model_path: str, option_ids: list[int], pad_id: int, dtype: str = "float32",
+                 device: str = "auto", max_tree_tokens: int = 16384):
+        from transformers import AutoModelForCausalLM
+
+        self.device = _device(device)
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
+        self.option_ids = option_ids
+        self.pad_id = pad_id
+        self.max_tree_tokens = max_tree_tokens
+
+
+class TransformersTreeEngine(_TransformersEngine):
+    name = "transformers-tree"
+
+    @torch.no_grad()
+    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
+        trees = [pack_tree(r.prefix, r.branches) for r in requests]
+        out, batch, width = [], [], 0
+        for tree in trees + [None]:
+            # Flush when the padded batch would exceed the token budget (or at the end).
+            if batch and (tree is None or max(width, len(tree)) * (len(batch) + 1) > self.max_tree_tokens):
+                out += [_option_probs(lg, self.option_ids) for lg in branch_logits(self.model, batch, self.pad_id)]
+                batch, width = [], 0
+            if tree is not None:
+                batch.append(tree)
+                width = max(width, len(tree))
+        return out
+
+
+class TransformersPlainEngine(_TransformersEngine):
+    name = "transformers-plain"
+
+    @torch.no_grad()
+    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
+        out = []
+        for r in requests:
+            logits = [self.model(input_ids=torch.tensor([r.prefix + b], device=self.device)).logits[0, -1]
+                      for b in r.branches]
+            out.append(_option_probs(torch.stack(logits), self.option_ids))
+        return out
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, model_path: str, option_ids: list[int], dtype: str = "float32",
+                 engine_kwargs: dict | None = None, env: dict[str, str] | None = None):
+        for key, value in (env or {}).items():
+            os.environ.setdefault(key, str(value))
+        from vllm import LLM, SamplingParams
+
+        kwargs = {"enable_prefix_caching": True, "logprobs_mode": "processed_logprobs", **(engine_kwargs or {})}
+        self.llm = LLM(model=model_path, dtype=dtype, **kwargs)
+        self.option_ids = option_ids
+        self.warm = SamplingParams(max_tokens=1, temperature=0.0)
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(option_ids),
+                                     allowed_token_ids=option_ids)
+
+    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
+        # Warm every prefix first, so the branches below all hit the prefix cache.
+        self.llm.generate([{"prompt_token_ids": r.prefix} for r in requests], self.warm, use_tqdm=False)
+        prompts = [{"prompt_token_ids": r.prefix + b} for r in requests for b in r.branches]
+        outputs = iter(self.llm.generate(prompts, self.params, use_tqdm=False))
+        result = []
+        for r in requests:
+            rows = []
+            for _ in r.branches:
+                logprobs = next(outputs).outputs[0].logprobs[0]
+                rows.append([logprobs[t].logprob if t in logprobs else -np.inf for t in self.option_ids])
+            result.append(torch.softmax(torch.tensor(rows, dtype=torch.float64), -1).float().numpy())
+        return result
+
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Share of prompt tokens served from the prefix cache, when the engine reports it."""
+        try:
+            metrics = {m.name: m for m in self.llm.get_metrics()}
+            hits = metrics["vllm:prefix_cache_hits"].value
+            queries = metrics["vllm:prefix_cache_queries"].value
+            return hits / queries if queries else None
+        except Exception:  # metrics are optional and vary across vLLM versions
+            return None
+
+
+def make_engine(config: EngineConfig, model_path: str, tokenizer) -> ScoringEngine:
+    from alignx_ray.prompts import option_token_ids
+
+    option_ids = option_token_ids(tokenizer)
+    if config.kind == "vllm":
+        return VllmEngine(model_path, option_ids, config.dtype, config.vllm, config.vllm_env)
+    cls = TransformersTreeEngine if config.kind == "transformers" else TransformersPlainEngine
+    return cls(model_path, option_ids, tokenizer.pad_token_id, config.dtype, config.device, config.max_tree_tokens)

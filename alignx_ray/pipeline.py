@@ -1,0 +1,121 @@
+"""The run: configuration of every stage, and stages that resume.
+
+Each stage writes `RUN_DIR/<stage>/` and, last, `_manifest.json` holding its figures and a
+fingerprint of its config and inputs. A stage whose manifest exists with the same
+fingerprint is reused; any other stage is (re)computed, where the annotation stage itself
+resumes row by row from its Ray Data checkpoint. So re-running a killed run with the same
+command finishes it, and the report says what was reused and what was recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from alignx_ray import synthetic
+from alignx_ray.annotate import AnnotateConfig, run_annotate
+from alignx_ray.annotator import AnnotatorConfig, build_annotator
+from alignx_ray.config import RayConfig, Section, SpaceConfig
+from alignx_ray.ingest import IngestConfig, run_ingest
+from alignx_ray.prompts import PromptTemplates
+from alignx_ray.report import RunReport
+
+
+class RunConfig(Section):
+    """Everything a run needs; `configs/demo.yaml` is the embedded default.
+
+    threads: the generated demo threads, used when `ingest.input` is not set.
+    annotator: the tiny annotator, used when `annotate.engine.model` is not set.
+    """
+
+    run_dir: str = "runs/demo"
+    ray: RayConfig = RayConfig()
+    prompts: PromptTemplates = PromptTemplates()
+    space: SpaceConfig = SpaceConfig()
+    threads: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
+    annotator: AnnotatorConfig = AnnotatorConfig()
+    ingest: IngestConfig = IngestConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / "_manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: Callable[[], dict]) -> dict:
+    """Reuse the stage when its manifest carries `key`, else compute it and stamp the manifest.
+
+    A stage left half-done under the same key resumes; one begun under another key is wiped.
+    """
+    manifest = read_manifest(stage_dir)
+    if manifest and manifest.get("fingerprint") == key:
+        figures = {**manifest, "status": "reused"}
+    else:
+        started = time.time()
+        begun = stage_dir / "_started.json"
+        if begun.exists() and json.loads(begun.read_text()).get("fingerprint") != key:
+            shutil.rmtree(stage_dir)  # partial work of another config must not be resumed
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        begun.write_text(json.dumps({"fingerprint": key}))
+        figures = {**compute(), "fingerprint": key}
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "_manifest.json").write_text(json.dumps(figures, indent=1, default=str))
+        figures = {**figures, "status": "computed", "stage_seconds": round(time.time() - started, 2)}
+    report.add(name, figures)
+    return figures
+
+
+class Run:
+    """One run directory and its config; each method is one stage."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, report: RunReport | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.report = report or RunReport(self.run_dir)
+        self._model_path: str | None = None
+
+    def dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def annotation_model(self) -> str:
+        """The configured model, or the tiny annotator (built once per machine, then cached)."""
+        if self._model_path is None:
+            model = self.config.annotate.engine.model
+            self._model_path = model or str(build_annotator(self.config.annotator))
+        return self._model_path
+
+    def threads(self) -> dict:
+        cfg = self.config.threads
+        return run_stage(self.report, "threads", self.dir("threads"), fingerprint(cfg),
+                         lambda: {name: str(p) for name, p in synthetic.write_threads(cfg, self.dir("threads")).items()})
+
+    def ingest(self) -> dict:
+        from transformers import AutoTokenizer
+
+        source = self.config.ingest.input or self.threads()["jsonl"]
+        key = fingerprint(self.config.ingest, source, self.annotation_model())
+        return run_stage(self.report, "ingest", self.dir("ingest"), key, lambda: run_ingest(
+            self.config.ingest, source, self.dir("ingest"), AutoTokenizer.from_pretrained(self.annotation_model())))
+
+    def annotate(self) -> dict:
+        from alignx_ray.raycluster import init_ray
+
+        upstream = self.ingest()
+        key = fingerprint(self.config.annotate, self.config.prompts, self.config.space, upstream["fingerprint"],
+                          self.annotation_model())
+
+        def compute() -> dict:
+            init_ray(self.config.ray)
+            return run_annotate(self.config.annotate, self.dir("ingest") / "data", self.dir("annotate"),
+                                self.annotation_model(), self.config.prompts, self.config.space)
+
+        return run_stage(self.report, "annotate", self.dir("annotate"), key, compute)
