@@ -9,7 +9,6 @@ maps it over the responses table with an autoscaling actor pool and checkpoints 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -131,13 +130,14 @@ def run_annotate(config: AnnotateConfig, responses_dir: Path, out_dir: Path, mod
                  templates: prompts.PromptTemplates, space: SpaceConfig) -> dict:
     """Map the annotation actor over the responses table; resumable by `response_id`.
 
-    Output: `out_dir/data/*.parquet` (one row per response, input columns kept), rejected rows
-    in `out_dir/_rejected/`, `out_dir/_manifest.json` written last.
+    Output: `out_dir/data/*.parquet` (one row per response, input columns kept) and rejected
+    rows in `out_dir/_rejected/`; the caller writes the manifest last.
     """
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
     started = time.time()
+    written_before = set((out_dir / "data").glob("*.parquet"))
     ctx = ray.data.DataContext.get_current()
     ctx.checkpoint_config = CheckpointConfig(
         id_column="response_id", checkpoint_path=str((out_dir / "_checkpoint").resolve()),
@@ -154,27 +154,37 @@ def run_annotate(config: AnnotateConfig, responses_dir: Path, out_dir: Path, mod
         ds.write_parquet(str((out_dir / "data").resolve()))
     finally:
         ctx.checkpoint_config = None
-    return finish_stage(out_dir, "annotate", started)
+    return finish_stage(out_dir, "annotate", started, written_before)
 
 
-def finish_stage(out_dir: Path, stage: str, started: float) -> dict:
-    """Split rejected rows out, check every id is present exactly once, write the manifest last."""
-    table = pq.read_table(out_dir / "data")
-    ids = table["response_id"].to_numpy(zero_copy_only=False)
-    if len(set(ids)) != len(ids):
+def finish_stage(out_dir: Path, stage: str, started: float, written_before: set[Path] = frozenset()) -> dict:
+    """Split rejected rows out, check every id is present exactly once, write the figures.
+
+    Reads only the bookkeeping columns, so it stays cheap at millions of rows.
+    """
+    table = pq.read_table(out_dir / "data", columns=["thread_id", "response_id", REJECT_COLUMN, "unique_tokens"])
+    ids = table["response_id"]
+    if pa.compute.count_distinct(ids).as_py() != len(ids):
         raise RuntimeError(f"{stage}: duplicate ids in {out_dir / 'data'}")
     bad = table.filter(pa.compute.is_valid(table[REJECT_COLUMN]))
+    rejected = pa.table({
+        "stage": [stage] * bad.num_rows, "reason": bad[REJECT_COLUMN], "thread_id": bad["thread_id"],
+        "response_id": bad["response_id"],
+    })
     (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
-    pq.write_table(bad, out_dir / "_rejected" / f"{stage}.parquet")
+    pq.write_table(rejected, out_dir / "_rejected" / f"{stage}.parquet")
     seconds = time.time() - started
-    labelled = table.num_rows - bad.num_rows
-    figures = {
+    new_files = sorted(set((out_dir / "data").glob("*.parquet")) - set(written_before))
+    now = pq.read_table(new_files, columns=["unique_tokens"]) if new_files else pa.table({"unique_tokens": []})
+    done_now = now.num_rows
+    tokens_now = pa.compute.sum(now["unique_tokens"]).as_py() or 0
+    return {
         "responses_in": table.num_rows,
-        "labelled": labelled,
+        "labelled": table.num_rows - bad.num_rows,
         "rejected": bad.num_rows,
+        "reused_from_checkpoint": table.num_rows - done_now,
+        "computed_now": done_now,
         "seconds": round(seconds, 2),
-        "responses_per_s": round(labelled / seconds, 3) if seconds else None,
-        "unique_tokens_per_s": round(pa.compute.sum(table["unique_tokens"]).as_py() / seconds, 1) if seconds else None,
+        "responses_per_s": round(done_now / seconds, 3),
+        "unique_tokens_per_s": round(tokens_now / seconds, 1),
     }
-    (out_dir / "_manifest.json").write_text(json.dumps(figures, indent=1))
-    return figures

@@ -39,9 +39,12 @@ class AnnotatorConfig(Section):
     """How the tiny annotator is built.
 
     Model shape: hidden_size ... num_key_value_heads (vLLM's CPU attention needs head_dim >= 32).
-    Data: train_threads / eval_threads generated threads; unplanted_questions "cannot reflect"
+    Data: train_threads / eval_threads generated threads with traits planted on
+        planted_dimensions (as the demo's threads); unplanted_questions "cannot reflect"
         questions per response beside its planted ones.
-    Optimisation: steps, batch_size (responses per step), lr with linear warm-up and cosine decay.
+    Curriculum: comment_steps on prompts cut to the comment and the question (short, so the
+        model finds the cue words fast), then prompt_steps on the full prompt it will serve.
+    Optimisation: batch_size responses per step, lr with linear warm-up and cosine decay.
     cache_dir: where built annotators are kept, one folder per configuration.
     """
 
@@ -53,11 +56,13 @@ class AnnotatorConfig(Section):
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    planted_dimensions: tuple[int, ...] | None = synthetic.DEMO_PLANTED_DIMENSIONS
     train_threads: int = 400
     eval_threads: int = 30
     unplanted_questions: int = 6
-    steps: int = 600
-    batch_size: int = 8
+    comment_steps: int = 600
+    prompt_steps: int = 200
+    batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 30
     cache_dir: str = "~/.cache/alignx-ray/annotators"
@@ -78,13 +83,16 @@ class AnnotatorConfig(Section):
 
 def training_examples(config: AnnotatorConfig, n_threads: int, seed: int) -> list[tuple[str, str, np.ndarray]]:
     """(post, comment, planted levels) for generated threads of one seed."""
-    config = replace(synthetic.SyntheticConfig(), n_threads=n_threads, seed=seed)
+    config = replace(synthetic.SyntheticConfig(), n_threads=n_threads, seed=seed,
+                     planted_dimensions=config.planted_dimensions)
     return [(post, text, np.asarray(levels)) for post, text, levels in synthetic.iter_examples(config)]
 
 
-def tree(bank: QuestionBank, post: str, comment: str, dims: list[int] | None = None):
+def tree(bank: QuestionBank, post: str, comment: str, dims: list[int] | None = None, full_prompt: bool = True):
+    """The packed tree of one response; without `full_prompt`, the prefix is the comment alone."""
     request = bank.request(post, comment, dims)
-    return pack_tree(request.prefix, request.branches)
+    prefix = request.prefix if full_prompt else bank.encode(bank.layout.comment_part(comment))
+    return pack_tree(prefix, request.branches)
 
 
 def option_probabilities(model, bank: QuestionBank, examples, batch_size: int = 2) -> np.ndarray:
@@ -113,33 +121,34 @@ def label_accuracy(levels_true: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
-def _lr_at(step: int, config: AnnotatorConfig) -> float:
+def _lr_at(step: int, steps: int, config: AnnotatorConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model, bank: QuestionBank, examples, config: AnnotatorConfig) -> list[float]:
+def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: int, full_prompt: bool) -> list[float]:
     """Fine-tune on planted answers; every response contributes all its planted questions."""
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed + int(full_prompt))
     option_ids = prompts.option_token_ids(bank.tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     losses = []
     model.train()
-    for step in tqdm(range(config.steps), desc="training tiny annotator", unit="step"):
+    desc = f"tiny annotator ({'full prompts' if full_prompt else 'comment + question'})"
+    for step in tqdm(range(steps), desc=desc, unit="step"):
         batch = [examples[i] for i in rng.choice(len(examples), config.batch_size, replace=False)]
         trees, targets = [], []
         for post, comment, levels in batch:
             planted = np.flatnonzero(levels != 2)
             others = rng.choice(np.flatnonzero(levels == 2), config.unplanted_questions, replace=False)
             dims = rng.permutation(np.concatenate([planted, others])).tolist()
-            trees.append(tree(bank, post, comment, dims))
+            trees.append(tree(bank, post, comment, dims, full_prompt))
             targets += [option_ids[LEVEL_TO_OPTION_INDEX[int(levels[d])]] for d in dims]
         logits = torch.cat(branch_logits(model, trees, bank.tokenizer.pad_token_id))
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, config)
+            group["lr"] = _lr_at(step, steps, config)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,7 +174,8 @@ def build_annotator(config: AnnotatorConfig = AnnotatorConfig()) -> Path:
     torch.manual_seed(config.seed)
     bank = QuestionBank(tokenizer, prompts.PromptTemplates())
     train_set = training_examples(config, config.train_threads, TRAIN_SEED_OFFSET + config.seed)
-    losses = train(model, bank, train_set, config)
+    losses = train(model, bank, train_set, config, config.comment_steps, full_prompt=False)
+    losses += train(model, bank, train_set, config, config.prompt_steps, full_prompt=True)
     eval_set = training_examples(config, config.eval_threads, EVAL_SEED_OFFSET + config.seed)
     probs = option_probabilities(model, bank, eval_set)
     report = {

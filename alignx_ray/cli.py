@@ -53,6 +53,17 @@ def cmd_demo(args) -> None:
     print(f"\nreport: {report.json_path} and {report.json_path.with_suffix('.md')}")
 
 
+def cmd_annotate(args) -> None:
+    from alignx_ray.config import load_config
+    from alignx_ray.pipeline import Run, RunConfig
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    run = Run(config, Path(args.run_dir or config.run_dir))
+    figures = run.annotate()
+    print(json.dumps({k: v for k, v in figures.items() if k != "fingerprint"}, indent=1, default=str))
+    print(f"\nannotations: {run.dir('annotate') / 'data'}  report: {run.report.json_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", default="", help="profile text to parse")
     p.add_argument("--vector", help="JSON list of directions to describe instead")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("annotate", help="ingest threads and label every response on every dimension")
+    _config_args(p, "configs/demo.yaml")
+    p.add_argument("--run-dir", help="output directory (default: the config's run_dir)")
+    p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("demo", help="run every stage on the embedded default, on a local Ray instance")
     _config_args(p, "configs/demo.yaml")

@@ -55,6 +55,8 @@ class EngineConfig(Section):
     vllm: extra keyword arguments for `vllm.LLM` (tensor_parallel_size, max_model_len,
         gpu_memory_utilization, max_num_seqs, enforce_eager, ...).
     vllm_env: environment for the engine process (the CPU build needs its KV-cache size).
+    prefix_caching: vLLM's automatic prefix caching and the warm-up pass (off only to measure
+        what sharing the prefix saves).
     """
 
     kind: Literal["vllm", "transformers", "transformers-plain"] = "vllm"
@@ -69,6 +71,7 @@ class EngineConfig(Section):
         "max_num_seqs": 128,
     }
     vllm_env: dict[str, str] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    prefix_caching: bool = True
 
 
 def _device(name: str) -> str:
@@ -129,21 +132,23 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, option_ids: list[int], dtype: str = "float32",
-                 engine_kwargs: dict | None = None, env: dict[str, str] | None = None):
+                 engine_kwargs: dict | None = None, env: dict[str, str] | None = None, prefix_caching: bool = True):
         for key, value in (env or {}).items():
             os.environ.setdefault(key, str(value))
         from vllm import LLM, SamplingParams
 
-        kwargs = {"enable_prefix_caching": True, "logprobs_mode": "processed_logprobs", **(engine_kwargs or {})}
+        kwargs = {"enable_prefix_caching": prefix_caching, "logprobs_mode": "processed_logprobs",
+                  "disable_log_stats": False, **(engine_kwargs or {})}
         self.llm = LLM(model=model_path, dtype=dtype, **kwargs)
+        self.prefix_caching = prefix_caching
         self.option_ids = option_ids
         self.warm = SamplingParams(max_tokens=1, temperature=0.0)
         self.params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(option_ids),
                                      allowed_token_ids=option_ids)
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        # Warm every prefix first, so the branches below all hit the prefix cache.
-        self.llm.generate([{"prompt_token_ids": r.prefix} for r in requests], self.warm, use_tqdm=False)
+        if self.prefix_caching:  # warm every prefix first, so all its branches hit the cache
+            self.llm.generate([{"prompt_token_ids": r.prefix} for r in requests], self.warm, use_tqdm=False)
         prompts = [{"prompt_token_ids": r.prefix + b} for r in requests for b in r.branches]
         outputs = iter(self.llm.generate(prompts, self.params, use_tqdm=False))
         result = []
@@ -171,6 +176,6 @@ def make_engine(config: EngineConfig, model_path: str, tokenizer) -> ScoringEngi
 
     option_ids = option_token_ids(tokenizer)
     if config.kind == "vllm":
-        return VllmEngine(model_path, option_ids, config.dtype, config.vllm, config.vllm_env)
+        return VllmEngine(model_path, option_ids, config.dtype, config.vllm, config.vllm_env, config.prefix_caching)
     cls = TransformersTreeEngine if config.kind == "transformers" else TransformersPlainEngine
     return cls(model_path, option_ids, tokenizer.pad_token_id, config.dtype, config.device, config.max_tree_tokens)

@@ -179,24 +179,25 @@ def shp_threads(rows: Iterable[Located]) -> Iterator[Located]:
     """SHP / ComPreD rows (one per comment pair) grouped by post into thread records.
 
     Columns used: post_id, history (the post), c_root_id_A/B (comment ids), human_ref_A/B (texts).
-    Rows missing any of them are passed on as unreadable so they are rejected with a reason.
+    A row without its ids is passed on as unreadable, so it is rejected with a reason; texts
+    are validated like any thread's.
     """
-    needed = ("post_id", "history", "c_root_id_A", "c_root_id_B", "human_ref_A", "human_ref_B")
+    needed = ("post_id", "c_root_id_A", "c_root_id_B")
     threads: dict[str, dict] = {}
     where: dict[str, str] = {}
     comments: dict[str, dict[str, str]] = defaultdict(dict)
     for item in rows:
         rec = item.record
-        missing = [k for k in needed if not isinstance(rec, dict) or k not in rec]
+        missing = [k for k in needed if not isinstance(rec, dict) or rec.get(k) is None]
         if item.error or missing:
             yield item if item.error else Located(rec, item.location, error=(
                 "bad_shp_row", f"missing columns {missing}"))
             continue
         pid = str(rec["post_id"])
-        threads.setdefault(pid, {"thread_id": pid, "post": rec["history"]})
+        threads.setdefault(pid, {"thread_id": pid, "post": rec.get("history")})
         where.setdefault(pid, item.location)
         for side in "AB":
-            comments[pid].setdefault(str(rec[f"c_root_id_{side}"]), rec[f"human_ref_{side}"])
+            comments[pid].setdefault(str(rec[f"c_root_id_{side}"]), rec.get(f"human_ref_{side}"))
     for pid, thread in threads.items():
         thread["responses"] = [{"response_id": cid, "text": text} for cid, text in comments[pid].items()]
         yield Located(thread, where[pid])

@@ -90,7 +90,10 @@ class Run:
         """The configured model, or the tiny annotator (built once per machine, then cached)."""
         if self._model_path is None:
             model = self.config.annotate.engine.model
-            self._model_path = model or str(build_annotator(self.config.annotator))
+            # The annotator must read the traits the demo threads carry.
+            annotator = self.config.annotator.model_copy(
+                update={"planted_dimensions": self.config.threads.planted_dimensions})
+            self._model_path = model or str(build_annotator(annotator))
         return self._model_path
 
     def threads(self) -> dict:

@@ -44,6 +44,12 @@ TRUTH_SCHEMA = pa.schema(
 )
 
 
+# 16 dimensions from every source group: age, neuroticism, extraversion, communication style,
+# order, autonomy, play, harmlessness, helpfulness, gaming, sports, pets, gourmet food, humor,
+# painting, fitness.
+DEMO_PLANTED_DIMENSIONS = (0, 2, 3, 16, 23, 31, 39, 40, 44, 52, 56, 59, 64, 73, 76, 81)
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Size and seed of the demo corpus; every (lo, hi) range is inclusive."""
@@ -52,6 +58,9 @@ class SyntheticConfig:
     responses_per_thread: tuple[int, int] = (3, 8)
     n_users: int = 120
     traits_per_user: tuple[int, int] = (4, 8)
+    # Dimensions traits are drawn from (None: all 90). A smaller set gives each trait more
+    # examples, which is what lets a tiny annotator learn to read them in minutes.
+    planted_dimensions: tuple[int, ...] | None = DEMO_PLANTED_DIMENSIONS
     traits_per_response: tuple[int, int] = (2, 5)
     filler_sentences: tuple[int, int] = (1, 3)
     seed: int = 0
@@ -71,11 +80,15 @@ class SyntheticConfig:
 
 @cache
 def phrase_bank() -> dict:
-    """The parsed `traits.yaml`, checked to cover exactly the 90 dimensions."""
+    """The parsed `traits.yaml`, checked to cover exactly the 90 dimensions, each with its
+    own `high_cue` and `low_cue` word (all 180 distinct)."""
     text = resources.files("alignx_ray").joinpath("traits.yaml").read_text(encoding="utf-8")
     bank = yaml.safe_load(text)
     if len(bank["dimensions"]) != N_DIMS:
         raise ValueError(f"traits.yaml has {len(bank['dimensions'])} dimensions, expected {N_DIMS}")
+    cues = [d.get(key) for d in bank["dimensions"] for key in ("high_cue", "low_cue")]
+    if not all(isinstance(c, str) and c for c in cues) or len(set(cues)) != len(cues):
+        raise ValueError("traits.yaml needs a distinct high_cue and low_cue on every dimension")
     return bank
 
 
@@ -87,7 +100,9 @@ def templates(dim: int, level: int) -> list[str]:
 def corpus_text() -> list[str]:
     """Every sentence the generator can emit, so a tokenizer can learn its words."""
     bank = phrase_bank()
-    texts = [s for d in bank["dimensions"] for s in (d["cue"], *d["high"], *d["low"])]
+    texts = [
+        s for d in bank["dimensions"] for s in (d["high_cue"], d["low_cue"], *d["high"], *d["low"])
+    ]
     for topic in bank["topics"]:
         texts += [*topic["post"], *topic["filler"]]
         texts += [s.format(topic=topic["name"]) for s in bank["post_openers"] + bank["generic_filler"]]
@@ -107,7 +122,8 @@ def _user_profiles(config: SyntheticConfig, rng: np.random.Generator) -> list[di
     """One persistent {dimension: pole} profile per commenter, so users stay recognisable."""
     profiles = []
     for _ in range(config.n_users):
-        dims = sorted(_pick(rng, list(range(N_DIMS)), _draw(rng, config.traits_per_user)))
+        pool = list(config.planted_dimensions) if config.planted_dimensions is not None else list(range(N_DIMS))
+        dims = sorted(_pick(rng, pool, _draw(rng, config.traits_per_user)))
         profiles.append({d: int(rng.choice([LOW, HIGH])) for d in dims})
     return profiles
 

@@ -14,3 +14,43 @@ def official_dir() -> Path:
     if not path.is_dir():
         pytest.skip("official data not found: set ALIGNX_OFFICIAL_DIR")
     return path
+
+
+# The vLLM CPU engine: single process, small KV cache (see EngineConfig.vllm_env).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight tiny Qwen2 model with its trained tokenizer, built once per session."""
+    from alignx_ray.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def annotator_dir() -> Path:
+    """The demo's tiny annotator (cached per machine, so built at most once)."""
+    from alignx_ray.annotator import AnnotatorConfig, build_annotator
+
+    return build_annotator(AnnotatorConfig())
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (4 logical CPUs: see RayConfig)."""
+    from alignx_ray.config import RayConfig
+    from alignx_ray.raycluster import init_ray
+
+    ray = init_ray(RayConfig())
+    yield ray
+    ray.shutdown()

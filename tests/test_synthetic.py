@@ -17,35 +17,64 @@ def generated():
     return synthetic.generate(SMALL)
 
 
-def _cue(dim: int) -> re.Pattern:
-    cue = synthetic.phrase_bank()["dimensions"][dim]["cue"]
-    return re.compile(rf"\b{re.escape(cue)}\b", re.IGNORECASE)
+def _word(word: str) -> re.Pattern:
+    return re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+
+
+def _cue(dim: int, level: int) -> re.Pattern:
+    """The whole-word pattern of the cue that marks pole `level` (HIGH or LOW) of `dim`."""
+    return _word(synthetic.phrase_bank()["dimensions"][dim]["high_cue" if level == HIGH else "low_cue"])
 
 
 def _by_id(threads):
     return {r["response_id"]: r["text"] for t in threads for r in t["responses"]}
 
 
-def test_phrase_bank_cues_are_distinct_and_only_in_their_own_sentences():
+def _bank_parts():
+    """(dimension, pole, sentence) for every trait sentence, and every other sentence of the bank."""
     bank = synthetic.phrase_bank()
-    dims = bank["dimensions"]
-    assert len({d["cue"] for d in dims}) == N_DIMS
+    sentences = [(j, lv, s) for j in range(N_DIMS) for lv in (HIGH, LOW) for s in synthetic.templates(j, lv)]
     others = [s for t in bank["topics"] for s in (t["name"], *t["post"], *t["filler"])]
     others += bank["post_openers"] + bank["post_closers"] + bank["generic_filler"]
-    for i, d in enumerate(dims):
+    return sentences, others
+
+
+def test_phrase_bank_shape_and_sentence_lengths():
+    sentences, _ = _bank_parts()
+    for d in synthetic.phrase_bank()["dimensions"]:
+        assert {"label", "high_cue", "low_cue", "high", "low"} <= set(d)
         assert len(d["high"]) == 3 and len(d["low"]) == 3
         assert not set(d["high"]) & set(d["low"])
-        for j, e in enumerate(dims):
-            for sentence in e["high"] + e["low"]:
-                assert bool(_cue(i).search(sentence)) == (i == j), (d["cue"], sentence)
-                assert 6 <= len(sentence.split()) <= 16, sentence
-        assert not any(_cue(i).search(s) for s in others), d["cue"]
+    for _, _, sentence in sentences:
+        assert 6 <= len(sentence.split()) <= 16, sentence
 
 
-def test_interest_cues_are_the_tags():
+def test_cues_are_single_lowercase_words_all_distinct():
     dims = synthetic.phrase_bank()["dimensions"]
-    assert dims[47]["cue"] == "science" and dims[76]["cue"] == "painting"
-    assert dims[64]["cue"] == "gourmet food" and dims[89]["cue"] == "fashion"
+    cues = [d[key] for d in dims for key in ("high_cue", "low_cue")]
+    assert len(cues) == 2 * N_DIMS and len(set(cues)) == 2 * N_DIMS
+    assert all(re.fullmatch(r"[a-z]+", c) for c in cues), cues
+
+
+def test_each_cue_occurs_in_exactly_the_sentences_of_its_pole():
+    sentences, others = _bank_parts()
+    for i in range(N_DIMS):
+        for level in (HIGH, LOW):
+            cue = _cue(i, level)
+            for j, lv, sentence in sentences:
+                assert bool(cue.search(sentence)) == (i == j and lv == level), (cue.pattern, sentence)
+            assert not any(cue.search(s) for s in others), cue.pattern
+
+
+def test_interest_tags_stay_in_their_own_dimension():
+    dims = synthetic.phrase_bank()["dimensions"]
+    sentences, _ = _bank_parts()
+    tags = {i: dims[i]["label"].removeprefix("Likes ") for i in range(47, N_DIMS)}
+    assert tags[47] == "science" and tags[76] == "painting" and tags[89] == "fashion"
+    assert dims[76]["high_cue"] == "easel" and dims[76]["low_cue"] == "brushes"
+    for i, tag in tags.items():
+        assert not any(_word(tag).search(s) for j, _, s in sentences if j != i), tag
+        assert dims[i]["high_cue"] != tag and dims[i]["low_cue"] != tag
 
 
 def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
@@ -81,9 +110,10 @@ def test_levels_match_the_text(generated):
         assert len(levels) == N_DIMS and set(levels) <= {LOW, NEUTRAL, HIGH}
         for d, level in enumerate(levels):
             if level == NEUTRAL:
-                assert not _cue(d).search(text), (d, text)
+                assert not _cue(d, HIGH).search(text) and not _cue(d, LOW).search(text), (d, text)
                 continue
-            assert _cue(d).search(text), (d, text)
+            assert _cue(d, level).search(text), (d, text)
+            assert not _cue(d, HIGH + LOW - level).search(text), (d, text)
             assert any(s in text for s in synthetic.templates(d, level))
             assert not any(s in text for s in synthetic.templates(d, HIGH + LOW - level))
 
@@ -139,9 +169,11 @@ def test_iter_examples_pairs_posts_texts_and_levels(generated):
     assert levels == truth[0]["levels"]
 
 
-def test_corpus_text_covers_every_template():
+def test_corpus_text_covers_every_template_and_cue():
     corpus = set(synthetic.corpus_text())
     assert all(s in corpus for d in range(N_DIMS) for lv in (LOW, HIGH) for s in synthetic.templates(d, lv))
+    dims = synthetic.phrase_bank()["dimensions"]
+    assert all(d[key] in corpus for d in dims for key in ("high_cue", "low_cue"))
 
 
 def test_bad_ranges_are_rejected():

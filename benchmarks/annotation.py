@@ -1,0 +1,112 @@
+"""Annotation speed on this machine, side by side in one run (tiny model, CPU by default).
+
+Measures, on the same generated responses:
+  - the bare vLLM engine in this process vs the Ray Data job (actor pool, checkpoints, parquet
+    in and out): the job's overhead ratio;
+  - vLLM with prefix caching and the warm-up pass vs without: what sharing the prefix saves;
+  - the transformers packed tree vs 90 independent prompts.
+Prints a table, then one JSON object of figures as the last line.
+
+    python benchmarks/annotation.py --responses 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def timed(fn):
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--responses", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8, help="responses per engine call / Ray Data batch")
+    parser.add_argument("--plain-responses", type=int, default=4, help="responses for the slow 90-prompt path")
+    args = parser.parse_args()
+
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from alignx_ray import prompts, synthetic
+    from alignx_ray.annotate import AnnotateConfig, QuestionBank, label_batch
+    from alignx_ray.config import RayConfig
+    from alignx_ray.engines import EngineConfig, make_engine
+    from alignx_ray.pipeline import Run, RunConfig
+    from alignx_ray.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="alignx-bench-"))
+    model = str(build_tiny_model(work / "model"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    bank = QuestionBank(tokenizer, prompts.PromptTemplates())
+    examples = list(synthetic.iter_examples(replace(synthetic.SyntheticConfig(), n_threads=args.responses, seed=11)))
+    examples = examples[: args.responses]
+    posts, comments = [e[0] for e in examples], [e[1] for e in examples]
+    unique_tokens = sum(bank.request(p, c).unique_tokens() for p, c in examples)
+
+    def run_engine(engine, n=len(examples)):
+        for i in range(0, n, args.batch):
+            label_batch(engine, bank, posts[i:min(i + args.batch, n)], comments[i:min(i + args.batch, n)])
+
+    figures = {"device": "cpu", "responses": len(examples), "D": len(bank.questions),
+               "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c in examples) / len(examples), 1),
+               "mean_question_tokens": round(sum(map(len, bank.questions)) / len(bank.questions), 1)}
+
+    vllm = make_engine(EngineConfig(kind="vllm"), model, tokenizer)
+    run_engine(vllm, args.batch)  # warm-up: first calls compile and allocate
+    _, t = timed(lambda: run_engine(vllm))
+    figures["vllm_bare_s_per_response"] = t / len(examples)
+    figures["vllm_prefix_cache_hit_rate"] = vllm.prefix_cache_hit_rate()
+    del vllm
+    no_share = make_engine(EngineConfig(kind="vllm", prefix_caching=False), model, tokenizer)
+    run_engine(no_share, args.batch)
+    _, t = timed(lambda: run_engine(no_share))
+    figures["vllm_no_prefix_sharing_s_per_response"] = t / len(examples)
+    del no_share
+
+    tree = make_engine(EngineConfig(kind="transformers"), model, tokenizer)
+    _, t = timed(lambda: run_engine(tree))
+    figures["tree_s_per_response"] = t / len(examples)
+    plain = make_engine(EngineConfig(kind="transformers-plain"), model, tokenizer)
+    _, t = timed(lambda: run_engine(plain, args.plain_responses))
+    figures["plain_90_prompts_s_per_response"] = t / args.plain_responses
+
+    config = RunConfig(
+        ray=RayConfig(num_cpus=4), threads=replace(synthetic.SyntheticConfig(), n_threads=args.responses, seed=11),
+        annotate=AnnotateConfig(engine=EngineConfig(kind="vllm", model=model), batch_responses=args.batch),
+    )
+    run = Run(config, work / "run")
+    run.ingest()
+    from alignx_ray.raycluster import init_ray
+
+    init_ray(config.ray)
+    job, t = timed(run.annotate)
+    n_job = job["labelled"]
+    figures["ray_job_responses"] = n_job
+    figures["ray_job_s_per_response"] = t / n_job
+    figures["ray_job_overhead_ratio"] = figures["ray_job_s_per_response"] / figures["vllm_bare_s_per_response"]
+    figures["prefix_sharing_speedup"] = (figures["vllm_no_prefix_sharing_s_per_response"]
+                                         / figures["vllm_bare_s_per_response"])
+    figures["tree_speedup_vs_plain"] = figures["plain_90_prompts_s_per_response"] / figures["tree_s_per_response"]
+    figures["vllm_bare_unique_tokens_per_s"] = unique_tokens / (figures["vllm_bare_s_per_response"] * len(examples))
+
+    print(f"\n{'measure':45s} value")
+    for key, value in figures.items():
+        print(f"{key:45s} {value:.4g}" if isinstance(value, float) else f"{key:45s} {value}")
+    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()

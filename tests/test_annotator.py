@@ -1,0 +1,29 @@
+"""The tiny annotator reads the planted traits of threads it never saw."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from alignx_ray import prompts, synthetic
+from alignx_ray.annotate import QuestionBank, label_batch
+from alignx_ray.annotator import label_accuracy
+from alignx_ray.engines import EngineConfig, make_engine
+
+UNSEEN_SEED = 424242  # neither the demo's, nor the annotator's training or evaluation seeds
+
+
+def test_accuracy_against_planted_levels_on_unseen_threads(annotator_dir):
+    tokenizer = AutoTokenizer.from_pretrained(annotator_dir)
+    engine = make_engine(EngineConfig(kind="transformers"), str(annotator_dir), tokenizer)
+    bank = QuestionBank(tokenizer, prompts.PromptTemplates())
+    examples = list(synthetic.iter_examples(replace(synthetic.SyntheticConfig(), n_threads=8, seed=UNSEEN_SEED)))
+    out = label_batch(engine, bank, [e[0] for e in examples], [e[1] for e in examples])
+    figures = label_accuracy(np.array([e[2] for e in examples]), np.stack(out["option_probs"]))
+    assert figures["n_planted"] > 50
+    assert figures["accuracy"] >= 0.9
+    assert figures["planted_accuracy"] >= 0.5  # chance on a planted dimension is 1/3
+    # The build's own report (other unseen threads) says the same.
+    report = json.loads((annotator_dir / "annotator_report.json").read_text())
+    assert report["accuracy"] >= 0.9 and report["eval_responses"] > 100
