@@ -38,7 +38,7 @@ EVAL_SEED_OFFSET = 2_000_003
 class AnnotatorConfig(Section):
     """How the tiny annotator is built.
 
-    Model shape: hidden_size ... num_key_value_heads (vLLM's CPU attention needs head_dim >= 32).
+    model: the tiny model's shape (its seed is replaced by `seed`).
     Data: train_threads / eval_threads generated threads with traits planted on
         planted_dimensions (as the demo's threads); unplanted_questions "cannot reflect"
         questions per response beside its planted ones.
@@ -49,13 +49,8 @@ class AnnotatorConfig(Section):
     """
 
     seed: int = 0
-    version: int = 1
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    version: int = 2  # bump when the training code changes: it is part of the cache key
+    model: TinyModelSpec = TinyModelSpec()
     planted_dimensions: tuple[int, ...] | None = synthetic.DEMO_PLANTED_DIMENSIONS
     train_threads: int = 400
     eval_threads: int = 30
@@ -68,11 +63,7 @@ class AnnotatorConfig(Section):
     cache_dir: str = "~/.cache/alignx-ray/annotators"
 
     def spec(self) -> TinyModelSpec:
-        return TinyModelSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, seed=self.seed,
-        )
+        return replace(self.model, seed=self.seed)
 
     def cache_key(self) -> str:
         """Changes with the config, the prompt version and the package data the model learns from."""
@@ -133,6 +124,18 @@ def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: i
     rng = np.random.default_rng(config.seed + int(full_prompt))
     option_ids = prompts.option_token_ids(bank.tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    plantable = np.zeros(len(bank.questions), bool)
+    plantable[list(config.planted_dimensions or range(len(plantable)))] = True
+
+    def unplanted(levels: np.ndarray) -> np.ndarray:
+        """'Cannot reflect' questions: mostly dimensions this response could have carried but
+        does not, so the model must look for the cue instead of learning which questions
+        are ever answered; one from the rest."""
+        absent = np.flatnonzero((levels == 2) & plantable)
+        rest = np.flatnonzero((levels == 2) & ~plantable)
+        hard = rng.choice(absent, min(len(absent), config.unplanted_questions - 1), replace=False)
+        return np.concatenate([hard, rng.choice(rest if len(rest) else absent, 1)])
+
     losses = []
     model.train()
     desc = f"tiny annotator ({'full prompts' if full_prompt else 'comment + question'})"
@@ -140,9 +143,7 @@ def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: i
         batch = [examples[i] for i in rng.choice(len(examples), config.batch_size, replace=False)]
         trees, targets = [], []
         for post, comment, levels in batch:
-            planted = np.flatnonzero(levels != 2)
-            others = rng.choice(np.flatnonzero(levels == 2), config.unplanted_questions, replace=False)
-            dims = rng.permutation(np.concatenate([planted, others])).tolist()
+            dims = rng.permutation(np.concatenate([np.flatnonzero(levels != 2), unplanted(levels)])).tolist()
             trees.append(tree(bank, post, comment, dims, full_prompt))
             targets += [option_ids[LEVEL_TO_OPTION_INDEX[int(levels[d])]] for d in dims]
         logits = torch.cat(branch_logits(model, trees, bank.tokenizer.pad_token_id))

@@ -18,7 +18,7 @@ from alignx_ray.pipeline import Run, RunConfig
 def write_config(path, model_dir, kind="transformers", n_threads=6, batch=2):
     config = {
         "ray": {"num_cpus": 4},
-        "threads": {"n_threads": n_threads, "seed": 7},
+        "threads": {"n_threads": n_threads, "seed": 7, "responses_per_thread": [3, 5]},
         "annotate": {"engine": {"kind": kind, "model": str(model_dir)}, "batch_responses": batch},
     }
     path.write_text(yaml.safe_dump(config))
@@ -59,7 +59,8 @@ def test_rerun_reuses_the_finished_stage(reference_run):
 
 
 def test_vllm_engine_in_a_ray_actor(tmp_path, tiny_model_dir, ray_local, reference_run):
-    config = load_config(RunConfig, write_config(tmp_path / "config.yaml", tiny_model_dir, kind="vllm", n_threads=2,
+    # vLLM's CPU build scores ~1 prompt at a time here (seconds per response), so one thread.
+    config = load_config(RunConfig, write_config(tmp_path / "config.yaml", tiny_model_dir, kind="vllm", n_threads=1,
                                                  batch=4))
     run = Run(config, tmp_path)
     figures = run.annotate()
