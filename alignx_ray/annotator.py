@@ -23,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 from alignx_ray import prompts, synthetic
+from alignx_ray.annotate import QuestionBank, label_batch
 from alignx_ray.config import Section
-from alignx_ray.space import LEVEL_HIGH, LEVEL_LOW, SPACE
+from alignx_ray.engines import EngineConfig, make_engine
+from alignx_ray.space import LEVEL_HIGH, LEVEL_LOW
 from alignx_ray.tiny import TinyModelSpec, build_tiny_model
-from alignx_ray.annotate import QuestionBank
 from alignx_ray.tree import branch_logits, pack_tree
 
 # Level -> index of the answer option ('1' high, '2' low, '3' cannot reflect).
@@ -84,18 +85,6 @@ def tree(bank: QuestionBank, post: str, comment: str, dims: list[int] | None = N
     request = bank.request(post, comment, dims)
     prefix = request.prefix if full_prompt else bank.encode(bank.layout.comment_part(comment))
     return pack_tree(prefix, request.branches)
-
-
-def option_probabilities(model, bank: QuestionBank, examples, batch_size: int = 2) -> np.ndarray:
-    """(n_examples, n_dims, 3) probabilities over the options, renormalised over the three."""
-    option_ids = prompts.option_token_ids(bank.tokenizer)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            trees = [tree(bank, post, comment) for post, comment, _ in examples[i:i + batch_size]]
-            for logits in branch_logits(model, trees, bank.tokenizer.pad_token_id):
-                out.append(torch.softmax(logits[:, option_ids].float(), -1).numpy())
-    return np.stack(out)
 
 
 def label_accuracy(levels_true: np.ndarray, probs: np.ndarray) -> dict:
@@ -177,10 +166,12 @@ def build_annotator(config: AnnotatorConfig = AnnotatorConfig()) -> Path:
     train_set = training_examples(config, config.train_threads, TRAIN_SEED_OFFSET + config.seed)
     losses = train(model, bank, train_set, config, config.comment_steps, full_prompt=False)
     losses += train(model, bank, train_set, config, config.prompt_steps, full_prompt=True)
+    model.save_pretrained(tmp)
     eval_set = training_examples(config, config.eval_threads, EVAL_SEED_OFFSET + config.seed)
-    probs = option_probabilities(model, bank, eval_set)
+    engine = make_engine(EngineConfig(kind="transformers"), str(tmp), tokenizer)
+    labelled = label_batch(engine, bank, [e[0] for e in eval_set], [e[1] for e in eval_set])
     report = {
-        **label_accuracy(np.stack([lv for _, _, lv in eval_set]), probs),
+        **label_accuracy(np.stack([lv for _, _, lv in eval_set]), np.stack(labelled["option_probs"])),
         "eval_responses": len(eval_set),
         "train_responses": len(train_set),
         "final_loss": float(np.mean(losses[-20:])),
@@ -188,7 +179,6 @@ def build_annotator(config: AnnotatorConfig = AnnotatorConfig()) -> Path:
         "config": config.model_dump(),
         "spec": asdict(config.spec()),
     }
-    model.save_pretrained(tmp)
     (tmp / "annotator_report.json").write_text(json.dumps(report, indent=1))
     tmp.rename(out)
     return out

@@ -8,7 +8,7 @@ Measures, on the same generated responses:
   - the transformers packed tree vs 90 independent prompts.
 Prints a table, then one JSON object of figures as the last line.
 
-    python benchmarks/annotation.py --responses 64
+    python benchmarks/annotation.py --threads 10
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--responses", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=10, help="generated threads; all their responses are scored")
     parser.add_argument("--batch", type=int, default=8, help="responses per engine call / Ray Data batch")
     parser.add_argument("--plain-responses", type=int, default=4, help="responses for the slow 90-prompt path")
     parser.add_argument("--vllm-responses", type=int, default=8, help="responses for the vLLM comparison")
@@ -53,17 +53,17 @@ def main() -> None:
     model = str(build_tiny_model(work / "model"))
     tokenizer = AutoTokenizer.from_pretrained(model)
     bank = QuestionBank(tokenizer, prompts.PromptTemplates())
-    examples = list(synthetic.iter_examples(replace(synthetic.SyntheticConfig(), n_threads=args.responses, seed=11)))
-    examples = examples[: args.responses]
+    threads = replace(synthetic.SyntheticConfig(), n_threads=args.threads, seed=11)
+    examples = list(synthetic.iter_examples(threads))
     posts, comments = [e[0] for e in examples], [e[1] for e in examples]
-    unique_tokens = sum(bank.request(p, c).unique_tokens() for p, c in examples)
+    unique_tokens = sum(bank.request(p, c).unique_tokens() for p, c, _ in examples)
 
     def run_engine(engine, n=len(examples)):
         for i in range(0, n, args.batch):
             label_batch(engine, bank, posts[i:min(i + args.batch, n)], comments[i:min(i + args.batch, n)])
 
     figures = {"device": "cpu", "responses": len(examples), "D": len(bank.questions),
-               "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c in examples) / len(examples), 1),
+               "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c, _ in examples) / len(examples), 1),
                "mean_question_tokens": round(sum(map(len, bank.questions)) / len(bank.questions), 1)}
 
     n_vllm = min(args.vllm_responses, len(examples))
@@ -85,7 +85,7 @@ def main() -> None:
     figures["plain_90_prompts_s_per_response"] = t / args.plain_responses
 
     config = RunConfig(
-        ray=RayConfig(num_cpus=4), threads=replace(synthetic.SyntheticConfig(), n_threads=args.responses, seed=11),
+        ray=RayConfig(num_cpus=4), threads=threads,
         annotate=AnnotateConfig(engine=EngineConfig(kind="transformers", model=model), batch_responses=args.batch),
     )
     run = Run(config, work / "run")
@@ -94,9 +94,8 @@ def main() -> None:
 
     init_ray(config.ray)
     job, t = timed(run.annotate)
-    n_job = job["labelled"]
-    figures["ray_job_responses"] = n_job
-    figures["ray_job_s_per_response"] = t / n_job
+    assert job["labelled"] == len(examples), "the job must score the same rows as the bare engine"
+    figures["ray_job_s_per_response"] = t / len(examples)
     figures["ray_job_overhead_ratio"] = figures["ray_job_s_per_response"] / figures["bare_tree_engine_s_per_response"]
     figures["vllm_prefix_sharing_speedup"] = (figures["vllm_no_prefix_sharing_s_per_response"]
                                               / figures["vllm_prefix_sharing_s_per_response"])

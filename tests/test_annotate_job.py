@@ -59,7 +59,7 @@ def test_rerun_reuses_the_finished_stage(reference_run):
 
 
 def test_vllm_engine_in_a_ray_actor(tmp_path, tiny_model_dir, ray_local, reference_run):
-    # vLLM's CPU build scores ~1 prompt at a time here (seconds per response), so one thread.
+    # On CPU, vLLM's start-up and first-call compilation dominate: one thread keeps this short.
     config = load_config(RunConfig, write_config(tmp_path / "config.yaml", tiny_model_dir, kind="vllm", n_threads=1,
                                                  batch=4))
     run = Run(config, tmp_path)
