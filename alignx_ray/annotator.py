@@ -143,7 +143,7 @@ def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 
