@@ -32,9 +32,6 @@ class ScoreRequest:
     def unique_tokens(self) -> int:
         return len(self.prefix) + sum(map(len, self.branches))
 
-    def prompt_tokens(self) -> int:
-        return len(self.prefix) * len(self.branches) + sum(map(len, self.branches))
-
 
 class ScoringEngine(Protocol):
     name: str

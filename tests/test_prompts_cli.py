@@ -48,6 +48,13 @@ def test_demographic_prompt_lists_48_dimensions_and_43_keywords():
     assert len(schema["properties"]["dimension description"]["properties"]) == 48
 
 
+def test_direction_and_judge_prompts_carry_their_inputs():
+    text = prompts.direction_prompt(T, "Post: Which pan?\nChosen: Cast iron.\nRejected: Any.")
+    assert "Cast iron." in text and text.count("\n- ") == 90 and "Likes humor | Dislikes humor" in text
+    judge = prompts.judge_prompt(T, "history H", "query Q", "answer A", "answer B")
+    assert all(x in judge for x in ("history H", "query Q", "answer A", "answer B", '"Tie"'))
+
+
 def test_few_shot_example_and_overrides():
     example = prompts.annotation_example(T)
     assert example.count("Task:\n") == 3 and "Response:\n1\n\n" in example and "Response:\n3\n\n" in example
