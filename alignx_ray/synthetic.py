@@ -59,7 +59,7 @@ class SyntheticConfig:
     n_users: int = 120
     traits_per_user: tuple[int, int] = (4, 8)
     # Dimensions traits are drawn from (None: all 90). A smaller set gives each trait more
-    # examples, which is what lets a tiny annotator learn to read them in minutes.
+    # examples to learn from.
     planted_dimensions: tuple[int, ...] | None = DEMO_PLANTED_DIMENSIONS
     traits_per_response: tuple[int, int] = (2, 5)
     filler_sentences: tuple[int, int] = (1, 3)
@@ -72,10 +72,14 @@ class SyntheticConfig:
             self.traits_per_response,
             self.filler_sentences,
         )
-        if any(not 0 <= lo <= hi for lo, hi in ranges) or self.traits_per_user[1] > N_DIMS:
+        if any(not 0 <= lo <= hi for lo, hi in ranges) or self.traits_per_user[1] > len(self.pool()):
             raise ValueError(f"bad range in {self}")
         if self.n_users < 1 or self.n_threads < 0:
             raise ValueError(f"need n_users >= 1 and n_threads >= 0, got {self}")
+
+    def pool(self) -> list[int]:
+        """The dimensions traits are drawn from."""
+        return list(range(N_DIMS)) if self.planted_dimensions is None else list(self.planted_dimensions)
 
 
 @cache
@@ -120,9 +124,8 @@ def _pick(rng: np.random.Generator, items: list, k: int) -> list:
 
 def _user_profiles(config: SyntheticConfig, rng: np.random.Generator) -> list[dict[int, int]]:
     """One persistent {dimension: pole} profile per commenter, so users stay recognisable."""
-    profiles = []
+    profiles, pool = [], config.pool()
     for _ in range(config.n_users):
-        pool = list(config.planted_dimensions) if config.planted_dimensions is not None else list(range(N_DIMS))
         dims = sorted(_pick(rng, pool, _draw(rng, config.traits_per_user)))
         profiles.append({d: int(rng.choice([LOW, HIGH])) for d in dims})
     return profiles

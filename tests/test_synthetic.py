@@ -179,3 +179,7 @@ def test_corpus_text_covers_every_template_and_cue():
 def test_bad_ranges_are_rejected():
     with pytest.raises(ValueError):
         SyntheticConfig(responses_per_thread=(5, 2))
+    # Users cannot hold more traits than there are dimensions to plant.
+    with pytest.raises(ValueError):
+        SyntheticConfig(planted_dimensions=(1, 2, 3), traits_per_user=(2, 4))
+    assert SyntheticConfig(planted_dimensions=None, traits_per_user=(2, 40)).pool() == list(range(90))
