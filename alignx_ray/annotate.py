@@ -133,27 +133,13 @@ def run_annotate(config: AnnotateConfig, responses_dir: Path, out_dir: Path, mod
     Output: `out_dir/data/*.parquet` (one row per response, input columns kept) and rejected
     rows in `out_dir/_rejected/`; the caller writes the manifest last.
     """
-    import ray.data
-    from ray.data.checkpoint import CheckpointConfig
+    from alignx_ray.raydata import ActorPool, map_resumable
 
     started = time.time()
     written_before = set((out_dir / "data").glob("*.parquet"))
-    ctx = ray.data.DataContext.get_current()
-    ctx.checkpoint_config = CheckpointConfig(
-        id_column="response_id", checkpoint_path=str((out_dir / "_checkpoint").resolve()),
-        delete_checkpoint_on_success=False,
-    )
-    try:
-        ds = ray.data.read_parquet(str(responses_dir.resolve()))
-        ds = ds.map_batches(
-            AnnotateUDF, fn_constructor_kwargs=dict(config=config, model_path=model_path, templates=templates,
-                                                    space=space),
-            batch_size=config.batch_responses, batch_format="pyarrow", concurrency=tuple(config.concurrency),
-            num_gpus=config.num_gpus, num_cpus=config.num_cpus,
-        )
-        ds.write_parquet(str((out_dir / "data").resolve()))
-    finally:
-        ctx.checkpoint_config = None
+    map_resumable(responses_dir, out_dir / "data", "response_id", AnnotateUDF,
+                  dict(config=config, model_path=model_path, templates=templates, space=space),
+                  ActorPool(config.batch_responses, config.concurrency, config.num_cpus, config.num_gpus))
     return finish_stage(out_dir, "annotate", started, written_before)
 
 

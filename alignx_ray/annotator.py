@@ -27,7 +27,7 @@ from alignx_ray.annotate import QuestionBank, label_batch
 from alignx_ray.config import Section
 from alignx_ray.engines import EngineConfig, make_engine
 from alignx_ray.space import LEVEL_HIGH, LEVEL_LOW
-from alignx_ray.tiny import TinyModelSpec, build_tiny_model
+from alignx_ray.tiny import TinyModelSpec, build_tiny_model, tokenizer_corpus
 from alignx_ray.tree import branch_logits, pack_tree
 
 # Level -> index of the answer option ('1' high, '2' low, '3' cannot reflect).
@@ -41,35 +41,41 @@ class AnnotatorConfig(Section):
 
     model: the tiny model's shape (its seed is replaced by `seed`).
     Data: train_threads / eval_threads generated threads with traits planted on
-        planted_dimensions (as the demo's threads); unplanted_questions "cannot reflect"
-        questions per response beside its planted ones.
-    Curriculum: comment_steps on prompts cut to the comment and the question (short, so the
-        model finds the cue words fast), then prompt_steps on the full prompt it will serve.
-    Optimisation: batch_size responses per step, lr with linear warm-up and cosine decay.
-    cache_dir: where built annotators are kept, one folder per configuration.
+        planted_dimensions (as the demo's threads). Besides its planted questions, each
+        response is asked hard_negatives "cannot reflect" questions on dimensions it could
+        have carried but does not (so the model must find the cue, not learn which questions
+        are ever answered) and other_questions on dimensions never planted.
+    Curriculum: comment_steps on prompts cut to the comment and the question at a constant
+        lr (short sequences: the model finds the cue words fast; the search for them ends
+        abruptly after a few hundred steps, so the rate must not decay before), then
+        prompt_steps on the full prompt it will serve at prompt_lr with cosine decay.
+    batch_size: responses per step. cache_dir: one folder per configuration.
     """
 
     seed: int = 0
-    version: int = 2  # bump when the training code changes: it is part of the cache key
+    version: int = 3  # bump when the training code changes: it is part of the cache key
     model: TinyModelSpec = TinyModelSpec()
     planted_dimensions: tuple[int, ...] | None = synthetic.DEMO_PLANTED_DIMENSIONS
     train_threads: int = 400
     eval_threads: int = 30
-    unplanted_questions: int = 6
-    comment_steps: int = 600
+    hard_negatives: int = 3
+    other_questions: int = 2
+    comment_steps: int = 750
     prompt_steps: int = 200
     batch_size: int = 16
     lr: float = 3e-3
-    warmup_steps: int = 30
+    prompt_lr: float = 1e-3
+    warmup_steps: int = 20
     cache_dir: str = "~/.cache/alignx-ray/annotators"
 
     def spec(self) -> TinyModelSpec:
         return replace(self.model, seed=self.seed)
 
     def cache_key(self) -> str:
-        """Changes with the config, the prompt version and the package data the model learns from."""
-        payload = json.dumps(self.model_dump(exclude={"cache_dir"}), sort_keys=True) + prompts.PROMPT_VERSION
-        payload += "".join(synthetic.corpus_text()) + prompts.corpus_text()
+        """Changes with the config and the package data the model learns from (the annotation
+        prompt, the dimension questions, the phrase bank)."""
+        payload = json.dumps(self.model_dump(exclude={"cache_dir"}), sort_keys=True)
+        payload += "".join(tokenizer_corpus()) + prompts.annotation_example(prompts.PromptTemplates())
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -101,29 +107,29 @@ def label_accuracy(levels_true: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
-def _lr_at(step: int, steps: int, config: AnnotatorConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def _lr_at(step: int, steps: int, peak: float, warmup: int, decay: bool) -> float:
+    """Linear warm-up to `peak`, then constant or cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress)) if decay else peak
 
 
 def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: int, full_prompt: bool) -> list[float]:
-    """Fine-tune on planted answers; every response contributes all its planted questions."""
+    """Fine-tune on planted answers: each response's planted questions plus "cannot reflect" ones."""
     rng = np.random.default_rng(config.seed + int(full_prompt))
     option_ids = prompts.option_token_ids(bank.tokenizer)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    peak = config.prompt_lr if full_prompt else config.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0)
     plantable = np.zeros(len(bank.questions), bool)
     plantable[list(config.planted_dimensions or range(len(plantable)))] = True
 
-    def unplanted(levels: np.ndarray) -> np.ndarray:
-        """'Cannot reflect' questions: mostly dimensions this response could have carried but
-        does not, so the model must look for the cue instead of learning which questions
-        are ever answered; one from the rest."""
+    def questions(levels: np.ndarray) -> np.ndarray:
         absent = np.flatnonzero((levels == 2) & plantable)
-        rest = np.flatnonzero((levels == 2) & ~plantable)
-        hard = rng.choice(absent, min(len(absent), config.unplanted_questions - 1), replace=False)
-        return np.concatenate([hard, rng.choice(rest if len(rest) else absent, 1)])
+        never = np.flatnonzero((levels == 2) & ~plantable)
+        return np.concatenate([np.flatnonzero(levels != 2),
+                               rng.choice(absent, min(len(absent), config.hard_negatives), replace=False),
+                               rng.choice(never, min(len(never), config.other_questions), replace=False)])
 
     losses = []
     model.train()
@@ -132,13 +138,14 @@ def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: i
         batch = [examples[i] for i in rng.choice(len(examples), config.batch_size, replace=False)]
         trees, targets = [], []
         for post, comment, levels in batch:
-            dims = rng.permutation(np.concatenate([np.flatnonzero(levels != 2), unplanted(levels)])).tolist()
+            dims = rng.permutation(questions(levels)).tolist()
             trees.append(tree(bank, post, comment, dims, full_prompt))
-            targets += [option_ids[LEVEL_TO_OPTION_INDEX[int(levels[d])]] for d in dims]
-        logits = torch.cat(branch_logits(model, trees, bank.tokenizer.pad_token_id))
+            targets += [LEVEL_TO_OPTION_INDEX[int(levels[d])] for d in dims]
+        # Over the three option tokens only: every engine reads them renormalised.
+        logits = torch.cat(branch_logits(model, trees, bank.tokenizer.pad_token_id))[:, option_ids]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, config)
+            group["lr"] = _lr_at(step, steps, peak, config.warmup_steps, decay=full_prompt)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

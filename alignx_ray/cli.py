@@ -64,6 +64,28 @@ def cmd_annotate(args) -> None:
     print(f"\nannotations: {run.dir('annotate') / 'data'}  report: {run.report.json_path}")
 
 
+def cmd_build(args) -> None:
+    from alignx_ray.config import load_config
+    from alignx_ray.pipeline import Run, RunConfig
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    run = Run(config, Path(args.run_dir or config.run_dir))
+    figures = run.dataset()
+    print(json.dumps({k: v for k, v in figures.items() if k not in ("fingerprint", "markdown")}, indent=1, default=str))
+    print(f"\ndataset: {run.dir('dataset')}/{{train,test}}  report: {run.report.json_path}")
+
+
+def cmd_train(args) -> None:
+    from alignx_ray.config import load_config
+    from alignx_ray.pipeline import Run, RunConfig
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    run = Run(config, Path(args.run_dir or config.run_dir))
+    figures = run.train(args.method or config.train.method)
+    print(json.dumps({k: v for k, v in figures.items() if k != "fingerprint"}, indent=1, default=str))
+    print(f"\nmodel: {figures['model']}  report: {run.report.json_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "configs/demo.yaml")
     p.add_argument("--run-dir", help="output directory (default: the config's run_dir)")
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("build", help="build the AlignX dataset: pairs, personas, demographics, splits, statistics")
+    _config_args(p, "configs/demo.yaml")
+    p.add_argument("--run-dir", help="run directory holding the annotations (default: the config's run_dir)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("train", help="DPO training of ICA or PBA on Ray Train (TRL + DeepSpeed ZeRO-3)")
+    _config_args(p, "configs/demo.yaml")
+    p.add_argument("--method", choices=["ica", "pba"], help="default: the config's train.method")
+    p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="run every stage on the embedded default, on a local Ray instance")
     _config_args(p, "configs/demo.yaml")

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from alignx_ray.annotator import label_accuracy
 from alignx_ray.pipeline import Run, RunConfig
 from alignx_ray.report import RunReport
+from alignx_ray.space import NEUTRAL, compare_levels, level_to_direction
 
 
 def annotation_vs_truth(run: Run) -> dict:
@@ -26,6 +27,40 @@ def annotation_vs_truth(run: Run) -> dict:
     ids = [rid for rid, lv in zip(out["response_id"], out["levels"]) if lv]
     probs = np.array([p for p, lv in zip(out["option_probs"], out["levels"]) if lv], dtype=np.float32)
     return label_accuracy(np.array([levels_true[rid] for rid in ids]), probs)
+
+
+def dataset_vs_truth(run: Run) -> dict:
+    """How often the dataset's directions equal those computed from the planted levels, on the
+    dimensions where the dataset's direction is non-neutral: the pair direction against
+    compare_levels(planted y_w, planted y_l), a UGC item against its planted level vs the
+    median, a PAIR item against its own planted pair."""
+    truth = pq.read_table(run.dir("threads") / "truth.parquet").to_pydict()
+    levels = {rid: np.asarray(lv) for rid, lv in zip(truth["response_id"], truth["levels"])}
+    pairs = pq.read_table(run.dir("pairs") / "data", columns=["pair_id", "chosen_id", "rejected_id"]).to_pylist()
+    planted = {p["pair_id"]: compare_levels(levels[p["chosen_id"]], levels[p["rejected_id"]]) for p in pairs}
+    personas = pq.read_table(run.dir("personas") / "data", columns=["pair_id", "ugc", "pair_feedback"]).to_pylist()
+    counts = {kind: [0, 0] for kind in ("pair", "ugc_item", "pair_item")}
+
+    def check(kind: str, got, want) -> None:
+        got = np.asarray(got)
+        decided = got != NEUTRAL
+        counts[kind][0] += int((got == want)[decided].sum())
+        counts[kind][1] += int(decided.sum())
+
+    examples = {}
+    for split in ("train", "test"):
+        table = pq.read_table(run.dir("dataset") / split, columns=["example_id", "Preference Direction"])
+        examples.update(zip(*table.to_pydict().values()))
+    for p in personas:
+        if p["pair_id"] not in examples:
+            continue
+        check("pair", examples[p["pair_id"]], planted[p["pair_id"]])
+        for item in p["ugc"]:
+            check("ugc_item", item["direction"], level_to_direction(levels[item["response_id"]]))
+        for item in p["pair_feedback"]:
+            check("pair_item", item["direction"], planted[item["pair_id"]])
+    return {f"{kind}_direction_agreement": round(hit / n, 4) if n else None for kind, (hit, n) in counts.items()} | {
+        f"{kind}_dimensions_checked": n for kind, (_, n) in counts.items()}
 
 
 def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
@@ -40,5 +75,9 @@ def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
     })
     run.annotate()
     run.report.add("annotate_vs_planted", annotation_vs_truth(run))
+    run.dataset()
+    run.report.add("dataset_vs_planted", dataset_vs_truth(run))
+    for method in ("ica", "pba"):
+        run.train(method)
     run.report.add("run", {"seconds": round(time.time() - started, 1)})
     return run.report

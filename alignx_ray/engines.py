@@ -125,18 +125,47 @@ class TransformersPlainEngine(_TransformersEngine):
         return out
 
 
+def load_vllm(model_path: str, dtype: str, engine_kwargs: dict | None, env: dict[str, str] | None, **defaults):
+    """An offline `vllm.LLM`; `env` is set first (the CPU build reads its KV-cache size from it)."""
+    for key, value in (env or {}).items():
+        os.environ.setdefault(key, str(value))
+    from vllm import LLM
+
+    return LLM(model=model_path, dtype=dtype, **{"disable_log_stats": False, **defaults, **(engine_kwargs or {})})
+
+
+class VllmGenerator:
+    """Text generation with vLLM, optionally constrained to a JSON schema (structured outputs).
+
+    Each prompt has its own seed, so a retry or a resumed run samples exactly as before.
+    """
+
+    def __init__(self, config: EngineConfig, model_path: str):
+        self.llm = load_vllm(model_path, config.dtype, config.vllm, config.vllm_env,
+                             enable_prefix_caching=config.prefix_caching)
+
+    def generate(self, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float,
+                 json_schema: dict | None = None) -> list[tuple[str, bool]]:
+        """(text, finished) per prompt; finished is False when cut at max_tokens."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = StructuredOutputsParams(json=json_schema) if json_schema else None
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                 structured_outputs=structured) for seed in seeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason != "length") for o in outputs]
+
+
 class VllmEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, option_ids: list[int], dtype: str = "float32",
                  engine_kwargs: dict | None = None, env: dict[str, str] | None = None, prefix_caching: bool = True):
-        for key, value in (env or {}).items():
-            os.environ.setdefault(key, str(value))
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
-        kwargs = {"enable_prefix_caching": prefix_caching, "logprobs_mode": "processed_logprobs",
-                  "disable_log_stats": False, **(engine_kwargs or {})}
-        self.llm = LLM(model=model_path, dtype=dtype, **kwargs)
+        self.llm = load_vllm(model_path, dtype, engine_kwargs, env, enable_prefix_caching=prefix_caching,
+                             logprobs_mode="processed_logprobs")
         self.prefix_caching = prefix_caching
         self.option_ids = option_ids
         self.warm = SamplingParams(max_tokens=1, temperature=0.0)

@@ -20,6 +20,8 @@ from alignx_ray import synthetic
 from alignx_ray.annotate import AnnotateConfig, run_annotate
 from alignx_ray.annotator import AnnotatorConfig, build_annotator
 from alignx_ray.config import RayConfig, Section, SpaceConfig
+from alignx_ray.dataset import BuildConfig
+from alignx_ray.dpo_config import TrainConfig
 from alignx_ray.ingest import IngestConfig, run_ingest
 from alignx_ray.prompts import PromptTemplates
 from alignx_ray.report import RunReport
@@ -30,6 +32,7 @@ class RunConfig(Section):
 
     threads: the generated demo threads, used when `ingest.input` is not set.
     annotator: the tiny annotator, used when `annotate.engine.model` is not set.
+    train: DPO settings shared by both methods (`train.method` picks one for `alignx train`).
     """
 
     run_dir: str = "runs/demo"
@@ -40,6 +43,8 @@ class RunConfig(Section):
     annotator: AnnotatorConfig = AnnotatorConfig()
     ingest: IngestConfig = IngestConfig()
     annotate: AnnotateConfig = AnnotateConfig()
+    build: BuildConfig = BuildConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def fingerprint(*parts) -> str:
@@ -82,6 +87,13 @@ class Run:
         self.run_dir = Path(run_dir)
         self.report = report or RunReport(self.run_dir)
         self._model_path: str | None = None
+        self._finished: dict[str, dict] = {}
+
+    def stage(self, name: str, key: str, compute: Callable[[], dict]) -> dict:
+        """Run one stage at most once per Run (later stages ask for their inputs again)."""
+        if name not in self._finished:
+            self._finished[name] = run_stage(self.report, name, self.dir(name), key, compute)
+        return self._finished[name]
 
     def dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -98,15 +110,15 @@ class Run:
 
     def threads(self) -> dict:
         cfg = self.config.threads
-        return run_stage(self.report, "threads", self.dir("threads"), fingerprint(cfg),
-                         lambda: {name: str(p) for name, p in synthetic.write_threads(cfg, self.dir("threads")).items()})
+        return self.stage("threads", fingerprint(cfg),
+                          lambda: {name: str(p) for name, p in synthetic.write_threads(cfg, self.dir("threads")).items()})
 
     def ingest(self) -> dict:
         from transformers import AutoTokenizer
 
         source = self.config.ingest.input or self.threads()["jsonl"]
         key = fingerprint(self.config.ingest, source, self.annotation_model())
-        return run_stage(self.report, "ingest", self.dir("ingest"), key, lambda: run_ingest(
+        return self.stage("ingest", key, lambda: run_ingest(
             self.config.ingest, source, self.dir("ingest"), AutoTokenizer.from_pretrained(self.annotation_model())))
 
     def annotate(self) -> dict:
@@ -121,4 +133,90 @@ class Run:
             return run_annotate(self.config.annotate, self.dir("ingest") / "data", self.dir("annotate"),
                                 self.annotation_model(), self.config.prompts, self.config.space)
 
-        return run_stage(self.report, "annotate", self.dir("annotate"), key, compute)
+        return self.stage("annotate", key, compute)
+
+    def pairs(self) -> dict:
+        from alignx_ray.dataset import run_pairs
+
+        upstream = self.annotate()
+        key = fingerprint(self.config.build.pairs, upstream["fingerprint"])
+        return self.stage("pairs", key,
+                          lambda: run_pairs(self.config.build.pairs, self.dir("annotate"), self.dir("pairs")))
+
+    def personas(self) -> dict:
+        from alignx_ray.dataset import run_personas
+
+        upstream = self.pairs()
+        build = self.config.build
+        key = fingerprint(build.personas, build.persona_batch, upstream["fingerprint"])
+        return self.stage("personas", key, lambda: run_personas(
+            build, self.dir("annotate"), self.dir("pairs"), self.dir("personas")))
+
+    def demographics(self) -> dict | None:
+        from alignx_ray.dataset import run_demographics
+
+        if not self.config.build.demographics_enabled:
+            return None
+        upstream = self.pairs()
+        cfg = self.config.build.demographics
+        model = cfg.engine.model or self.annotation_model()
+        key = fingerprint(cfg, self.config.prompts, self.config.space, upstream["fingerprint"], model)
+        return self.stage("demographics", key, lambda: run_demographics(
+            cfg, self.dir("pairs"), self.dir("demographics"), model, self.config.prompts, self.config.space.build()))
+
+    def dataset(self) -> dict:
+        """Assemble train / test in the AlignX schema, then the statistics report."""
+        import pyarrow.parquet as pq
+
+        from alignx_ray.dataset import run_assemble
+        from alignx_ray.stats import write_statistics
+
+        personas, demo = self.personas(), self.demographics()
+        cfg = self.config.build.assemble
+        key = fingerprint(cfg, personas["fingerprint"], demo and demo["fingerprint"])
+        out = self.dir("dataset")
+
+        def compute() -> dict:
+            figures = run_assemble(cfg, self.dir("pairs"), self.dir("personas"),
+                                   self.dir("demographics") if demo else None, out)
+            stats = write_statistics(pq.read_table(out / "train"), out / "stats", self.config.space.build(),
+                                     report_dir=self.run_dir)
+            return {**figures, "markdown": stats.pop("markdown"), "statistics": stats}
+
+        return self.stage("dataset", key, compute)
+
+    def policy_model(self) -> str:
+        """The configured starting policy, or the demo's tiny model (built in the run directory)."""
+        from alignx_ray.tiny import TinyModelSpec, build_tiny_model
+
+        if self.config.train.model:
+            return self.config.train.model
+        path = self.dir("models") / "policy-tiny"
+        if not (path / "config.json").exists():
+            build_tiny_model(path, TinyModelSpec(seed=self.config.train.dpo.seed))
+        return str(path)
+
+    def train(self, method: str) -> dict:
+        """DPO of one method on Ray Train, then its fit accuracy on the pairs it was trained on."""
+        from alignx_ray.dpo_trainer import fit_accuracy, run_training, training_examples
+        from alignx_ray.raycluster import init_ray
+
+        cfg = self.config.train.model_copy(update={"method": method})
+        if cfg.dataset:
+            dataset, upstream = cfg.dataset, cfg.dataset
+        else:
+            dataset, upstream = str(self.dir("dataset") / "train"), self.dataset()["fingerprint"]
+        model = self.policy_model()
+        stage = f"train_{method}"
+        key = fingerprint(cfg, self.config.prompts, upstream, model)
+
+        def compute() -> dict:
+            from transformers import AutoTokenizer
+
+            init_ray(self.config.ray)
+            storage = cfg.storage_path or str((self.dir(stage) / "ray").resolve())
+            figures, final = run_training(cfg, model, dataset, storage, self.dir(stage), self.config.prompts)
+            examples = training_examples(cfg, dataset, AutoTokenizer.from_pretrained(model), self.config.prompts)
+            return {**figures, **fit_accuracy(final, model, examples), "model": final}
+
+        return self.stage(stage, key, compute)

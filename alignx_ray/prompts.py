@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from alignx_ray.space import SPACE, Dimension, PreferenceSpace
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"
 
 ANNOTATION_TEMPLATE = """Read a forum post and one comment written in reply to it. Then answer one question about the person who wrote the comment by giving the number of the best option only.
 
@@ -106,6 +106,7 @@ UGC_HEADER = "**This person has commented on some posts:**\n\n"
 UGC_ITEM = "{n}. *Post:*\n{prompt}\n\n*Comment:*\n{comment}\n\n"
 PAIR_HEADER = "**This person has chosen or rejected comments on some posts:**\n\n"
 PAIR_ITEM = "{n}. *Post:*\n{prompt}\n\n*Chosen:*\n{chosen}\n\n*Rejected:*\n{rejected}\n\n"
+DEMO_ITEM = "**This person's persona is:**\n\n{text}"
 
 
 class PromptTemplates(BaseModel):
@@ -128,6 +129,7 @@ class PromptTemplates(BaseModel):
     ugc_item: str = UGC_ITEM
     pair_header: str = PAIR_HEADER
     pair_item: str = PAIR_ITEM
+    demo_item: str = DEMO_ITEM
 
 
 def render_chat(tokenizer, user: str, system: str | None = None) -> str:
@@ -220,8 +222,8 @@ def demographic_prompt(templates: PromptTemplates, post: str, response_1: str, r
 def demographic_json_schema(space: PreferenceSpace = SPACE) -> dict:
     """JSON schema for structured decoding of Prompt #2's answer."""
     dims = {d.name: {"type": "string", "enum": list(d.demo_labels)} for d in space.demo_dimensions()}
-    dims["Occupation"] = {"type": "string"}
-    text = {"type": "string"}
+    dims["Occupation"] = {"type": "string", "maxLength": 60}
+    text = {"type": "string", "maxLength": 300}  # bounds the answer, so it always closes its JSON
     return {
         "type": "object",
         "properties": {
@@ -245,7 +247,7 @@ def judge_prompt(templates: PromptTemplates, history: str, query: str, response_
 
 
 def behaviour_history(templates: PromptTemplates, ugc: list[dict], pairs: list[dict], demographic: str = "") -> str:
-    """The ICA history block: UGC items, then pair items, then the demographic text."""
+    """The ICA history block (Appendix B.2): UGC items, then pair items, then the persona text."""
     parts = []
     if ugc:
         parts.append(templates.ugc_header + "".join(
@@ -254,7 +256,9 @@ def behaviour_history(templates: PromptTemplates, ugc: list[dict], pairs: list[d
         parts.append(templates.pair_header + "".join(
             templates.pair_item.format(n=i, prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"])
             for i, p in enumerate(pairs, 1)))
-    return "".join(parts) + (demographic or "")
+    if demographic:
+        parts.append(templates.demo_item.format(text=demographic))
+    return "".join(parts).rstrip("\n")  # the template puts the blank line before the response
 
 
 def ica_prompt(tokenizer, templates: PromptTemplates, prompt: str, ugc: list[dict], pairs: list[dict],
@@ -268,7 +272,10 @@ def pba_prompt(tokenizer, templates: PromptTemplates, prompt: str, profile: str)
 
 
 def corpus_text() -> str:
-    """Every default template, for training the tiny tokenizer on the words prompts use."""
+    """The annotation prompt's own text, for training the tiny tokenizer on the words it uses.
+
+    Only what the annotator reads: the tiny models (and the cached annotator keyed by this
+    text) stay valid when other templates change; byte-level BPE encodes any other text.
+    """
     t = PromptTemplates()
-    return "\n".join(str(v) for v in t.model_dump().values() if v) + "\n" + json.dumps(
-        [EXAMPLE_POST, EXAMPLE_COMMENT])
+    return "\n".join([t.annotation, t.question, EXAMPLE_POST, EXAMPLE_COMMENT])

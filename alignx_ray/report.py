@@ -19,7 +19,8 @@ class RunReport:
         self.images: dict[str, list[str]] = {}
 
     def add(self, stage: str, figures: dict, images: list[str] = ()) -> None:
-        """Record (or replace) one stage's figures and write both files."""
+        """Record (or replace) one stage's figures and write both files; a `markdown` figure
+        (text) is rendered as it is, after the table."""
         self.stages[stage] = figures
         if images:
             self.images[stage] = list(images)
@@ -34,8 +35,9 @@ class RunReport:
         lines = [f"# {self.title}", "", f"Run directory: `{self.run_dir}`", ""]
         for stage, figures in self.stages.items():
             lines += [f"## {stage}", "", "| figure | value |", "|---|---|"]
-            lines += [f"| {key} | {_cell(value)} |" for key, value in _flatten(figures)]
+            lines += [f"| {key} | {_cell(value)} |" for key, value in _flatten(figures) if key != "markdown"]
             lines += [f"![{stage}]({image})" for image in self.images.get(stage, [])]
+            lines += ["", figures["markdown"]] if isinstance(figures.get("markdown"), str) else []
             lines.append("")
         return "\n".join(lines)
 

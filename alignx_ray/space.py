@@ -61,7 +61,7 @@ def level_to_direction(levels) -> np.ndarray:
 
 def compare_levels(levels_w, levels_l) -> np.ndarray:
     """Direction of a pair (paper §4.1): positive where y_w is more intense than y_l."""
-    return 0.5 * (np.sign(np.asarray(levels_w) - np.asarray(levels_l)) + 1.0)
+    return 0.5 * (np.sign(np.asarray(levels_w, np.int64) - np.asarray(levels_l, np.int64)) + 1.0)
 
 
 class PreferenceSpace:
@@ -80,6 +80,9 @@ class PreferenceSpace:
 
     def __setattr__(self, key, value):
         raise AttributeError("PreferenceSpace is immutable")
+
+    def __reduce__(self):  # pickling (Ray ships the space to actors) goes through __init__
+        return PreferenceSpace, (self._dimensions,)
 
     @classmethod
     def from_records(cls, records: Iterable[dict]) -> PreferenceSpace:

@@ -34,7 +34,6 @@ def test_accuracy_against_planted_levels_on_unseen_threads(unseen_accuracy, anno
     assert abs(report["accuracy"] - unseen_accuracy["accuracy"]) < 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the 2-layer annotator does not yet learn to find the cue "
-                   "sentences within its training budget; it answers 'cannot reflect' (issue: tiny annotator)")
 def test_planted_dimensions_are_read(unseen_accuracy):
-    assert unseen_accuracy["planted_accuracy"] >= 0.8  # chance on a planted dimension is 1/3
+    assert unseen_accuracy["planted_accuracy"] >= 0.9  # chance on a planted dimension is 1/3
+    assert unseen_accuracy["unplanted_accuracy"] >= 0.9  # and it does not see traits that are not there

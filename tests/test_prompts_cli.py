@@ -27,7 +27,7 @@ def test_ica_prompt_string_is_pinned(tiny_tokenizer):
         "**This person has commented on some posts:**\n\n1. *Post:*\nBest knife?\n\n*Comment:*\nA chef's knife.\n\n"
         "**This person has chosen or rejected comments on some posts:**\n\n"
         "1. *Post:*\nTea or coffee?\n\n*Chosen:*\nTea.\n\n*Rejected:*\nCoffee.\n\n"
-        "A young cook who likes gourmet food.\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n")
+        "**This person's persona is:**\n\nA young cook who likes gourmet food.\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_pba_prompt_string_is_pinned(tiny_tokenizer):

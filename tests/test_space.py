@@ -332,3 +332,12 @@ def test_space_and_dimensions_are_immutable():
         SPACE.extra = 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         DIMENSIONS[0].positive = "Old"
+
+
+def test_space_pickles_for_ray_actors():
+    import pickle
+
+    from alignx_ray.space import SPACE
+
+    restored = pickle.loads(pickle.dumps(SPACE))
+    assert restored.names == SPACE.names and restored[1].demo_labels == SPACE[1].demo_labels

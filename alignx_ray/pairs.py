@@ -1,0 +1,126 @@
+"""Preference pairs (paper §4.1 steps 2–3, Algorithm 1 lines 4–8).
+
+A response's intensity embedding is its one-hot levels, concatenated (D x L). Within each
+thread the embeddings are clustered with K-means (K = 3); a pair takes y_w and y_l uniformly
+from two distinct clusters, and its direction compares their levels per dimension
+(1 where y_w is stronger, 0 where weaker, 0.5 where equal). Every random choice is seeded
+from the thread id, so a resumed run draws the same pairs as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from alignx_ray.config import Section
+from alignx_ray.space import L, compare_levels
+
+PAIRS_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("thread_id", pa.string()), ("prompt", pa.string()),
+    ("chosen_id", pa.string()), ("rejected_id", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+    ("chosen_levels", pa.list_(pa.uint8())), ("rejected_levels", pa.list_(pa.uint8())),
+    ("direction", pa.list_(pa.float64())), ("source", pa.string()),
+])
+
+
+class PairsConfig(Section):
+    """How pairs are drawn.
+
+    clusters: K of the per-thread K-means (the paper's 3).
+    pairs_per_thread: pairs drawn per thread (distinct response pairs; fewer when the thread
+        has fewer cross-cluster pairs).
+    kmeans_iterations: Lloyd iterations of the K-means.
+    seed: mixed with each thread id into that thread's random stream.
+    """
+
+    clusters: int = 3
+    pairs_per_thread: int = 1
+    kmeans_iterations: int = 25
+    seed: int = 0
+
+
+def seeded_rng(*parts) -> np.random.Generator:
+    """A random stream determined by `parts` alone (ids, seeds), never by order of work."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def intensity_embedding(levels: np.ndarray, n_levels: int = L) -> np.ndarray:
+    """(N, D) levels 1..L -> (N, D * L) float32 one-hot codes; code . code = equal dimensions."""
+    levels = np.asarray(levels)
+    return np.eye(n_levels, dtype=np.float32)[levels.astype(np.int64) - 1].reshape(len(levels), -1)
+
+
+def cluster_thread(levels: np.ndarray, k: int, seed: int, iterations: int = 25) -> np.ndarray:
+    """Cluster label per response of one thread.
+
+    With at most k distinct level vectors each distinct vector is its own cluster (K-means
+    could not separate more, and this keeps tiny threads deterministic); otherwise FAISS
+    K-means over the embeddings, seeded.
+    """
+    import faiss
+
+    _, first, inverse = np.unique(levels, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(first) <= k:
+        order = np.argsort(np.argsort(first))  # number clusters by first appearance
+        return order[inverse]
+    x = intensity_embedding(levels)
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, min_points_per_centroid=1,
+                          max_points_per_centroid=1 << 20, verbose=False)
+    kmeans.train(x)
+    return kmeans.index.search(x, 1)[1].reshape(-1)
+
+
+def draw_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Up to `n_pairs` distinct (chosen, rejected) index pairs: two distinct clusters drawn
+    uniformly, then one response uniformly from each (Algorithm 1, lines 6–8)."""
+    clusters = np.unique(labels)
+    if len(clusters) < 2:
+        return []
+    members = {c: np.flatnonzero(labels == c) for c in clusters}
+    available = sum(len(members[a]) * len(members[b]) for a in clusters for b in clusters if a < b)
+    pairs: list[tuple[int, int]] = []
+    seen: set[frozenset] = set()
+    while len(pairs) < min(n_pairs, available):
+        won, lost = rng.choice(clusters, 2, replace=False)
+        chosen, rejected = int(rng.choice(members[won])), int(rng.choice(members[lost]))
+        if frozenset((chosen, rejected)) not in seen:
+            seen.add(frozenset((chosen, rejected)))
+            pairs.append((chosen, rejected))
+    return pairs
+
+
+def thread_pairs(thread: pa.Table, config: PairsConfig) -> tuple[list[dict], list[dict]]:
+    """Pairs of one thread's annotated responses -> (pair rows, rejected rows).
+
+    `thread` holds `thread_id, response_id, post, response, levels` of one thread, rows
+    sorted by response_id, so the draw does not depend on the order rows arrived in.
+    """
+    thread = thread.sort_by("response_id")
+    rows = thread.to_pylist()
+    thread_id = rows[0]["thread_id"]
+    levels = np.array([r["levels"] for r in rows], dtype=np.uint8)
+    rng = seeded_rng("pairs", config.seed, thread_id)
+    labels = cluster_thread(levels, config.clusters, int(rng.integers(1 << 31)), config.kmeans_iterations)
+    drawn = draw_pairs(labels, config.pairs_per_thread, rng)
+    if not drawn:
+        return [], [{"stage": "pairs", "reason": "one_cluster",
+                     "detail": f"{len(rows)} responses, all with the same levels", "thread_id": thread_id}]
+    out, rejected = [], []
+    for chosen, rejected_ in drawn:
+        w, lose = rows[chosen], rows[rejected_]
+        direction = compare_levels(w["levels"], lose["levels"]).tolist()
+        pair_id = f"{w['response_id']}>{lose['response_id']}"
+        if all(d == 0.5 for d in direction):
+            rejected.append({"stage": "pairs", "reason": "no_non_neutral_dimension", "detail": pair_id,
+                             "thread_id": thread_id})
+            continue
+        out.append({"pair_id": pair_id, "thread_id": thread_id, "prompt": w["post"],
+                    "chosen_id": w["response_id"], "rejected_id": lose["response_id"],
+                    "chosen": w["response"], "rejected": lose["response"],
+                    "chosen_levels": w["levels"], "rejected_levels": lose["levels"],
+                    "direction": direction, "source": w.get("source") or "threads"})
+    return out, rejected

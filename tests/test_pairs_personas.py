@@ -1,0 +1,218 @@
+"""Pure cores of the dataset build: pairs, exact retrieval, personas, assembly (no Ray)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from alignx_ray import schema
+from alignx_ray.assemble import AssembleConfig, assemble_rows, select_test
+from alignx_ray.pairs import PairsConfig, cluster_thread, draw_pairs, intensity_embedding, seeded_rng, thread_pairs
+from alignx_ray.personas import PersonaConfig, Pool, consistent, example_consistent, persona_rows, vote
+from alignx_ray.retrieval import LevelIndex, min_equal_dims, same_neighbours
+
+D = 90
+
+
+def levels_with(**set_dims) -> list[int]:
+    lv = [2] * D
+    for key, value in set_dims.items():
+        lv[int(key[1:])] = value
+    return lv
+
+
+def thread_table(thread_id: str, levels: list[list[int]], post="post") -> pa.Table:
+    n = len(levels)
+    return pa.table({"thread_id": [thread_id] * n, "response_id": [f"{thread_id}-r{i}" for i in range(n)],
+                     "post": [post] * n, "response": [f"text {thread_id} {i}" for i in range(n)],
+                     "source": ["threads"] * n, "levels": pa.array(levels, pa.list_(pa.uint8()))})
+
+
+def test_intensity_embedding_dot_counts_equal_dimensions():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(1, 4, (2, D))
+    codes = intensity_embedding(np.stack([a, b]))
+    assert codes.shape == (2, 270) and (codes.reshape(2, D, 3).sum(-1) == 1).all()
+    assert codes[0] @ codes[1] == (a == b).sum()
+
+
+def test_min_equal_dims_is_strict_threshold():
+    assert min_equal_dims(0.6, 90) == 55  # cosine 54/90 = 0.6 is not > 0.6
+    assert min_equal_dims(0.5, 90) == 46
+    assert min_equal_dims(0.61, 90) == 55  # 54.9 -> 55
+
+
+def test_binary_and_float_indexes_agree_exactly():
+    rng = np.random.default_rng(1)
+    base = rng.choice([1, 2, 3], size=(500, D), p=[0.1, 0.8, 0.1]).astype(np.uint8)
+    queries = base[:40].copy()
+    queries[:, :10] = 1
+    brute = (queries[:, None, :] == base[None]).sum(-1)
+    answers = {kind: LevelIndex(base, kind).search(queries, 25) for kind in ("support", "binary", "flat_ip")}
+    for kind, answer in answers.items():
+        assert np.array_equal(answer[0], -np.sort(-brute, axis=1)[:, :25]), kind
+        assert same_neighbours(answer, answers["flat_ip"]), kind
+        assert (np.take_along_axis(brute, answer[1], 1) == answer[0]).all(), kind
+    # support breaks ties at the k-th score by row id
+    scores, ids = answers["support"]
+    for q, (s, i) in enumerate(zip(scores, ids)):
+        expected = np.lexsort((np.arange(len(base)), -brute[q]))[:25]
+        assert i.tolist() == expected.tolist()
+    assert not same_neighbours(answers["binary"], (scores - 1, ids))
+    with pytest.raises(ValueError, match="unknown index kind"):
+        LevelIndex(base, "hnsw")
+
+
+def test_cluster_thread_small_threads_are_deterministic_groups():
+    lv = np.array([levels_with(d0=3), levels_with(d0=1), levels_with(d0=3), levels_with(d0=3)], np.uint8)
+    assert cluster_thread(lv, 3, seed=0).tolist() == [0, 1, 0, 0]
+    assert cluster_thread(lv[[0, 2]], 3, seed=0).tolist() == [0, 0]
+
+
+def test_cluster_thread_kmeans_separates_clear_groups():
+    group_a = [levels_with(d0=3, d1=3, d2=3, d3=3, d5=i % 3 + 1) for i in range(4)]
+    group_b = [levels_with(d0=1, d1=1, d2=1, d3=1, d6=i % 3 + 1) for i in range(4)]
+    group_c = [levels_with(d10=3, d11=3, d12=3, d13=3, d7=i % 3 + 1) for i in range(4)]
+    labels = cluster_thread(np.array(group_a + group_b + group_c, np.uint8), 3, seed=5)
+    assert len(set(labels[:4])) == len(set(labels[4:8])) == len(set(labels[8:])) == 1
+    assert len(set(labels)) == 3
+
+
+def test_draw_pairs_cross_clusters_and_distinct():
+    labels = np.array([0, 0, 1, 2, 2])
+    pairs = draw_pairs(labels, 100, seeded_rng("t"))
+    assert len(pairs) == 2 * 1 + 2 * 2 + 1 * 2  # every cross-cluster pair once
+    assert all(labels[a] != labels[b] for a, b in pairs)
+    assert len({frozenset(p) for p in pairs}) == len(pairs)
+    assert draw_pairs(np.zeros(4, int), 3, seeded_rng("t")) == []
+
+
+def test_thread_pairs_direction_and_order_independence():
+    thread = thread_table("t1", [levels_with(d0=3, d4=1), levels_with(d0=1, d4=1), levels_with(d0=2, d4=3)])
+    config = PairsConfig(pairs_per_thread=3)
+    pairs, rejected = thread_pairs(thread, config)
+    assert not rejected and len(pairs) == 3
+    for p in pairs:
+        w, lose = np.array(p["chosen_levels"]), np.array(p["rejected_levels"])
+        expected = np.where(w > lose, 1.0, np.where(w < lose, 0.0, 0.5))
+        assert p["direction"] == expected.tolist()
+    shuffled, _ = thread_pairs(thread.take([2, 0, 1]), config)
+    assert shuffled == pairs
+
+
+def test_thread_with_one_distinct_annotation_is_rejected_with_reason():
+    pairs, rejected = thread_pairs(thread_table("t2", [levels_with(d0=3)] * 3), PairsConfig())
+    assert pairs == [] and rejected[0]["reason"] == "one_cluster" and rejected[0]["thread_id"] == "t2"
+
+
+def test_consistency_criterion():
+    direction = np.full(D, 0.5)
+    direction[[0, 1]] = [1.0, 0.0]
+    items = np.full((4, D), 0.5)
+    items[0, 0] = 1.0  # matches on 0
+    items[1, [0, 1]] = [1.0, 1.0]  # matches 0, contradicts 1
+    items[2, 5] = 1.0  # only where P is neutral: no match
+    items[3, [1, 7]] = [0.0, 0.0]  # matches 1
+    assert consistent(items, direction).tolist() == [True, False, False, True]
+
+
+def test_vote_abstains_on_neutral_and_ties():
+    items = np.array([[1.0, 0.0, 0.5, 1.0], [1.0, 0.5, 0.5, 0.0], [0.5, 0.0, 0.5, 0.5]])
+    assert vote(items).tolist() == [1.0, 0.0, 0.5, 0.5]
+
+
+def test_example_consistency_needs_one_common_dimension():
+    direction = np.array([1.0, 0.0, 0.5])
+    assert example_consistent(direction, [np.array([1.0, 0.5, 0.5]), np.array([1.0, 0.0, 0.5])])
+    assert not example_consistent(direction, [np.array([1.0, 0.5, 0.5]), np.array([0.5, 0.0, 0.5])])
+    assert not example_consistent(np.full(3, 0.5), [])
+    assert example_consistent(direction, [])
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Threads whose responses carry one of four trait profiles, so similar ones exist across threads."""
+    rng = np.random.default_rng(3)
+    profiles = [levels_with(d0=3, d1=3), levels_with(d0=1, d2=3), levels_with(d3=3, d1=1), levels_with(d4=1)]
+    tables, pairs = [], []
+    for t in range(30):
+        lv = [profiles[i] for i in rng.permutation(4)[:3]]
+        tables.append(thread_table(f"t{t:02d}", lv, post=f"post {t}"))
+        pairs += thread_pairs(tables[-1], PairsConfig(pairs_per_thread=2))[0]
+    from alignx_ray.pairs import PAIRS_SCHEMA
+
+    return pa.concat_tables(tables), pa.Table.from_pylist(pairs, PAIRS_SCHEMA)
+
+
+def test_personas_respect_threshold_thread_and_consistency(corpus):
+    responses, pairs = corpus
+    pool_r, pool_p = Pool.of_responses(responses), Pool.of_pairs(pairs)
+    config = PersonaConfig(items=5, candidates=200)
+    out = persona_rows(pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")), config).to_pylist()
+    levels = dict(zip(responses["response_id"].to_pylist(), responses["levels"].to_pylist()))
+    need = min_equal_dims(0.6, D)
+    for pair, persona in zip(pairs.to_pylist(), out):
+        direction = np.array(pair["direction"])
+        assert 0 < len(persona["ugc"]) <= 5 and 0 < len(persona["pair_feedback"]) <= 5
+        threads = [i["response_id"].rsplit("-", 1)[0] for i in persona["ugc"]]
+        assert pair["thread_id"] not in threads and len(set(threads)) == len(threads)
+        for item in persona["ugc"]:
+            assert (np.array(levels[item["response_id"]]) == np.array(pair["chosen_levels"])).sum() >= need
+            assert consistent(np.array(item["direction"]), direction)[0]
+        for item in persona["pair_feedback"]:
+            assert not item["pair_id"].startswith(pair["thread_id"] + "-")
+            assert consistent(np.array(item["direction"]), direction)[0]
+        assert persona["ugc_direction"] == vote(np.array([i["direction"] for i in persona["ugc"]])).tolist()
+    for kind in ("flat_ip", "support"):  # every exact index gives the same personas
+        other = persona_rows(pairs, pool_r, pool_p, (pool_r.index(kind), pool_p.index(kind)), config)
+        assert other.to_pylist() == out, kind
+
+
+def joined(corpus, demo=None):
+    responses, pairs = corpus
+    pool_r, pool_p = Pool.of_responses(responses), Pool.of_pairs(pairs)
+    personas = persona_rows(pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")),
+                            PersonaConfig(items=6))
+    rows = [{**p, **q, "demo_text": None, "demo_direction": demo} for p, q in zip(pairs.to_pylist(), personas.to_pylist())]
+    return rows
+
+
+def test_assemble_splits_are_balanced_disjoint_and_official(corpus):
+    rows = joined(corpus)
+    config = AssembleConfig(test_per_cell=2, test_items=4)
+    test = select_test(rows, config)
+    assert test
+    cells = {}
+    for d, v in test.values():
+        cells.setdefault(d, []).append(v)
+    assert all(vs.count(1.0) == vs.count(0.0) <= 2 for vs in cells.values())
+    test_threads = {r["thread_id"] for r in rows if r["pair_id"] in test}
+    examples, rejected = assemble_rows(rows, test, test_threads, config)
+    assert examples.schema == schema.ALIGNX_SCHEMA
+    assert examples.num_rows + len(rejected) == len(rows)
+    ex = examples.to_pylist()
+    by_id = {r["pair_id"]: r for r in rows}
+    train_prompts = {e["prompt"] for e in ex if e["split"] == "train"}
+    for e in ex:
+        if e["split"] == "test":
+            assert len(e[schema.UGC]) == len(e[schema.PAIR]) == 4
+            d, v = test[e["example_id"]]
+            assert e[schema.DIRECTION][d] == v and e["prompt"] not in train_prompts
+        r = by_id[e["example_id"]]
+        assert example_consistent(np.array(r["direction"]), [np.array(r["ugc_direction"]), np.array(r["pair_direction"])])
+    assert schema.to_official(examples).num_rows == examples.num_rows
+
+
+def test_inconsistent_demographic_rejects_the_example(corpus):
+    rows = joined(corpus, demo=[0.5] * D)  # a P_DEMO that agrees nowhere
+    examples, rejected = assemble_rows(rows, {}, set(), AssembleConfig())
+    assert examples.num_rows == 0 and {r["reason"] for r in rejected} == {"personas_inconsistent_with_pair"}
+
+
+def test_official_reader_checks_dimensions():
+    row = {schema.PROMPT: "p", schema.CHOSEN: "a", schema.REJECTED: "b", schema.DIRECTION: [0.5] * 89,
+           schema.DEMOGRAPHIC: "", schema.UGC: [], schema.PAIR: []}
+    with pytest.raises(ValueError, match="row 0"):
+        schema.to_official(pa.Table.from_pylist([row]))
+    row[schema.DIRECTION] = [0.5] * 90
+    table = schema.to_official(pa.Table.from_pylist([row]))
+    assert table["example_id"].to_pylist() == ["alignx-0"] and table.schema == schema.ALIGNX_SCHEMA

@@ -1,0 +1,141 @@
+"""DPO formats (pinned strings) and training on a real multi-worker Ray Train run with TRL and
+DeepSpeed ZeRO-3 on CPU, including a kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from alignx_ray import prompts, schema
+from alignx_ray.dpo_data import dpo_example, profile_text, sample_items
+from alignx_ray.space import SPACE
+
+D = len(SPACE)
+
+
+def direction(**dims) -> list[float]:
+    v = [0.5] * D
+    for key, value in dims.items():
+        v[int(key[1:])] = value
+    return v
+
+
+def alignx_row(i: int, n_ugc=6, n_pair=6) -> dict:
+    return {
+        "prompt": f"Post {i}: what should I cook tonight?", "chosen": f"Try a spicy curry, friend {i}.",
+        "rejected": f"Order takeout {i}.", schema.DIRECTION: direction(d2=1.0),
+        schema.DEMOGRAPHIC: "An outgoing cook.",
+        schema.UGC: [{"prompt": f"u-post {j}", "comment": f"u-comment {j}", schema.DIRECTION: direction(d2=1.0)}
+                     for j in range(n_ugc)],
+        schema.PAIR: [{"prompt": f"p-post {j}", "chosen": f"good {j}", "rejected": f"bad {j}",
+                       schema.DIRECTION: direction(d2=1.0, d3=0.0 if j % 2 else 0.5)} for j in range(n_pair)],
+        "example_id": f"ex-{i}", "split": "train",
+    }
+
+
+def test_item_sampling_is_seeded_and_bounded():
+    counts = set()
+    for i in range(40):
+        ugc, pairs = sample_items(alignx_row(i), seed=0)
+        assert 0 <= len(ugc) <= 4 and 0 <= len(pairs) <= 4 and (ugc or pairs)
+        assert (ugc, pairs) == sample_items(alignx_row(i), seed=0)
+        counts.add((len(ugc), len(pairs)))
+    assert len(counts) > 5  # the counts vary between examples
+    ugc, pairs = sample_items(alignx_row(0, n_ugc=0, n_pair=2), seed=0)
+    assert ugc == [] and len(pairs) <= 2
+
+
+def test_profile_aggregates_item_directions():
+    items = [{schema.DIRECTION: direction(d2=1.0, d3=0.0)}, {schema.DIRECTION: direction(d2=1.0)},
+             {schema.DIRECTION: direction(d2=1.0, d3=0.0)}]
+    # d2: mean 1 -> positive; d3: mean 1/3 <= 0.4 -> negative
+    assert profile_text(items, []) == f"{SPACE[2].positive}, {SPACE[3].negative}"
+
+
+def pinned_row() -> dict:
+    row = alignx_row(7, n_ugc=1, n_pair=1)
+    row[schema.UGC][0][schema.DIRECTION] = direction(d2=1.0)
+    return row
+
+
+def test_ica_and_pba_prompt_strings_are_pinned(tiny_tokenizer, monkeypatch):
+    import alignx_ray.dpo_data as dpo_data
+
+    monkeypatch.setattr(dpo_data, "sample_items", lambda row, seed: (row[schema.UGC], row[schema.PAIR]))
+    row, templates = pinned_row(), prompts.PromptTemplates()
+    ica = dpo_example(row, "ica", tiny_tokenizer, templates)
+    assert ica["prompt"] == (
+        "<|im_start|>system\nGenerate a task-specific response based on user historical behavior and preferences.\n"
+        "<|im_end|>\n<|im_start|>user\n***Task***\n\n**Post:**\nPost 7: what should I cook tonight?\n\n"
+        "***Historical Behavior and User Preferences***\n\n"
+        "**This person has commented on some posts:**\n\n1. *Post:*\nu-post 0\n\n*Comment:*\nu-comment 0\n\n"
+        "**This person has chosen or rejected comments on some posts:**\n\n1. *Post:*\np-post 0\n\n*Chosen:*\ngood 0"
+        "\n\n*Rejected:*\nbad 0\n\n**This person's persona is:**\n\nAn outgoing cook.\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n")
+    assert (ica["chosen"], ica["rejected"]) == ("Try a spicy curry, friend 7.", "Order takeout 7.")
+    pba = dpo_example(row, "pba", tiny_tokenizer, templates)
+    assert pba["prompt"] == (
+        "<|im_start|>system\nGenerate a task-specific response based on user preferences.\n<|im_end|>\n"
+        "<|im_start|>user\n***Task***\n\n**Post:**\nPost 7: what should I cook tonight?\n\n"
+        f"***User Preferences***\n\n{SPACE[2].positive}\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="unknown method"):
+        dpo_example(row, "sft", tiny_tokenizer, templates)
+
+
+TRAIN = {"num_workers": 2, "deepspeed": "configs/deepspeed/zero3.json",
+         "dpo": {"epochs": 3, "learning_rate": 1e-3, "per_device_batch": 2, "save_steps": 2, "logging_steps": 1}}
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("alignx") / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([alignx_row(i) for i in range(8)], schema.ALIGNX_SCHEMA), path)
+    return path
+
+
+def test_zero3_dpo_on_two_ray_train_workers(tmp_path, train_data, tiny_model_dir, ray_local):
+    from alignx_ray.dpo_config import TrainConfig
+    from alignx_ray.dpo_trainer import fit_accuracy, run_training, training_examples
+
+    config = TrainConfig.model_validate({**TRAIN, "method": "pba"})
+    figures, final = run_training(config, str(tiny_model_dir), str(train_data), str(tmp_path / "ray"), tmp_path)
+    assert figures["step"] == 6 and figures["examples"] == 8  # 8 pairs / (2 workers x 2) x 3 epochs
+    assert {"loss", "rewards/accuracies", "rewards/margins"} <= set(figures)
+    from transformers import AutoTokenizer
+
+    examples = training_examples(config, str(train_data), AutoTokenizer.from_pretrained(tiny_model_dir),
+                                 prompts.PromptTemplates())
+    fit = fit_accuracy(final, str(tiny_model_dir), examples)
+    assert fit["n"] == 8 and fit["fit_accuracy"] is not None
+    same = fit_accuracy(str(tiny_model_dir), str(tiny_model_dir), examples)
+    assert same["fit_accuracy"] == 0.0  # policy == reference: every reward is 0, a tie, never correct
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path, train_data, tiny_model_dir):
+    config = {"ray": {"num_cpus": 4},
+              "train": {**TRAIN, "method": "ica", "model": str(tiny_model_dir), "dataset": str(train_data),
+                        "dpo": {**TRAIN["dpo"], "epochs": 6}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "alignx_ray.cli", "train", "--config", str(tmp_path / "config.yaml"),
+           "--run-dir", str(run_dir)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = run_dir / "train_ica" / "ray" / "dpo-ica"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not list(storage.glob("checkpoint_*")):
+        time.sleep(0.5)
+    time.sleep(2)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads((run_dir / "report.json").read_text())["train_ica"]
+    assert figures["resumed_from_step"] >= 2 and figures["step"] == 12
