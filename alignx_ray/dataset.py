@@ -10,6 +10,7 @@ test draw) are cheap and redone whole, with deterministic, id-seeded results.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -73,8 +74,8 @@ def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
         return pa.Table.from_pylist(rows, PAIRS_SCHEMA.append(pa.field("reject", pa.string())))
 
     out = ray.data.from_arrow(responses).groupby("thread_id").map_groups(per_thread, batch_format="pyarrow")
-    table = pa.concat_tables(ray.get(out.to_arrow_refs())) if out.count() else None
-    table = table if table is not None else PAIRS_SCHEMA.append(pa.field("reject", pa.string())).empty_table()
+    blocks = ray.get(out.to_arrow_refs())  # one execution
+    table = pa.concat_tables(blocks) if blocks else PAIRS_SCHEMA.append(pa.field("reject", pa.string())).empty_table()
     good = table.filter(pc.is_null(table["reject"])).drop_columns(["reject"]).sort_by("pair_id")
     bad = table.filter(pc.is_valid(table["reject"]))
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -148,10 +149,10 @@ def run_demographics(config: DemographicsConfig, pairs_dir: Path, out_dir: Path,
     write_rejected(out_dir, "demographics", [
         {"stage": "demographics", "reason": r.split(":")[0], "detail": r, "response_id": p}
         for p, r in zip(bad["pair_id"].to_pylist(), bad["reject_reason"].to_pylist())])
-    reasons = pc.value_counts(pc.utf8_replace_slice(bad["reject_reason"], 0, 0, "")).to_pylist() if bad.num_rows else []
+    reasons = Counter(r.split(":")[0] for r in bad["reject_reason"].to_pylist())
     return {"pairs": table.num_rows, "with_demographic": table.num_rows - bad.num_rows,
             "without_demographic": bad.num_rows, "attempts_mean": round(pc.mean(table["demo_attempts"]).as_py() or 0, 2),
-            "reasons": {r["values"].split(":")[0]: r["counts"] for r in reasons},
+            "reasons": dict(reasons),
             "seconds": round(time.time() - started, 2)}
 
 
@@ -180,10 +181,8 @@ def run_assemble(config: AssembleConfig, pairs_dir: Path, personas_dir: Path, de
                              "direction": [v for _, v in test.values()]}), out_dir / "test_cells.parquet")
     write_rejected(out_dir, "assemble", rejected)
     split = examples["split"].to_pylist()
-    reasons: dict[str, int] = {}
-    for r in rejected:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    reasons = Counter(r["reason"] for r in rejected)
     return {"pairs_in": len(rows), "train": split.count("train"), "test": split.count("test"),
-            "rejected": len(rejected), "rejected_by_reason": reasons,
+            "rejected": len(rejected), "rejected_by_reason": dict(reasons),
             "test_dimensions": len({d for d, _ in test.values()}), "seconds": round(time.time() - started, 2)}
 
