@@ -21,7 +21,7 @@ from alignx_ray import prompts
 from alignx_ray.assemble import AssembleConfig, assemble_rows, select_test
 from alignx_ray.config import Section
 from alignx_ray.demographics import DemographicsConfig, demographics_batch
-from alignx_ray.ingest import REJECTED_SCHEMA
+from alignx_ray.ingest import write_rejected
 from alignx_ray.pairs import PAIRS_SCHEMA, PairsConfig, thread_pairs
 from alignx_ray.personas import PersonaConfig, Pool, persona_rows
 from alignx_ray.raydata import ActorPool, map_resumable
@@ -45,12 +45,6 @@ class BuildConfig(Section):
     persona_concurrency: tuple[int, int] = (1, 1)
     persona_num_cpus: float = 1
     demographics_enabled: bool = True
-
-
-def write_rejected(out_dir: Path, stage: str, rows: list[dict]) -> int:
-    (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, REJECTED_SCHEMA), out_dir / "_rejected" / f"{stage}.parquet")
-    return len(rows)
 
 
 def labelled_responses(annotate_dir: Path) -> pa.Table:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 import pyarrow as pa
@@ -28,6 +29,13 @@ REJECTED_SCHEMA = pa.schema([
     ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("location", pa.string()),
     ("thread_id", pa.string()), ("response_id", pa.string()), ("raw", pa.string()),
 ])
+
+
+def write_rejected(out_dir: Path, stage: str, rows: list[dict]) -> int:
+    """A stage's rejected rows to `out_dir/_rejected/<stage>.parquet`; returns how many."""
+    (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, REJECTED_SCHEMA), out_dir / "_rejected" / f"{stage}.parquet")
+    return len(rows)
 
 
 class IngestConfig(Section):
@@ -263,8 +271,6 @@ def _prepend(first, rest):
 
 def write_shards(rows: list[dict], schema: pa.Schema, out_dir, shard_rows: int) -> int:
     """Deterministic shards `part-00000.parquet`, ...; returns how many were written."""
-    from pathlib import Path
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = 0
@@ -276,7 +282,6 @@ def write_shards(rows: list[dict], schema: pa.Schema, out_dir, shard_rows: int) 
 def run_ingest(config: IngestConfig, input_uri: str, out_dir, tokenizer) -> dict:
     """Read, validate and shard; rejected rows to `_rejected/ingest.parquet`, manifest last."""
     import time
-    from pathlib import Path
 
     started = time.time()
     out = Path(out_dir)
@@ -290,8 +295,7 @@ def run_ingest(config: IngestConfig, input_uri: str, out_dir, tokenizer) -> dict
     items = read_records(input_uri)
     result = ingest_records(items, Validator(config, count, cut), config.format)
     shards = write_shards(result.responses, RESPONSES_SCHEMA, out / "data", config.shard_rows)
-    (out / "_rejected").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(result.rejected, REJECTED_SCHEMA), out / "_rejected" / "ingest.parquet")
+    write_rejected(out, "ingest", result.rejected)
     reasons: dict[str, int] = defaultdict(int)
     for row in result.rejected:
         reasons[row["reason"]] += 1
