@@ -86,6 +86,51 @@ def cmd_train(args) -> None:
     print(f"\nmodel: {figures['model']}  report: {run.report.json_path}")
 
 
+def cmd_evaluate(args) -> None:
+    from alignx_ray.config import load_config
+    from alignx_ray.evaluate import run_evaluation
+    from alignx_ray.pipeline import Run, RunConfig
+    from alignx_ray.raycluster import init_ray
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    updates = {"personas": args.persona, "history_sizes": args.history, "profile_source": args.profile_source}
+    if args.no_reversal:
+        updates["reversal"] = False
+    cfg = config.evaluate.model_copy(update={k: v for k, v in updates.items() if v})
+    run = Run(config, Path(args.out))
+    annotator = config.evaluate.direction_engine.model or (
+        run.annotation_model() if args.method == "pba" and cfg.profile_source in ("auto", "infer") else None)
+    init_ray(config.ray)
+    figures = run_evaluation(cfg, args.benchmark, args.method, args.policy, args.reference or args.policy,
+                             Path(args.out), config.prompts, annotator, config.space.build())
+    print(figures.pop("markdown"))
+    print(f"\nmetrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.parquet'}")
+
+
+def cmd_judge(args) -> None:
+    from alignx_ray.config import load_config
+    from alignx_ray.judge import run_binary_choice, run_judge
+    from alignx_ray.pipeline import RunConfig
+    from alignx_ray.raycluster import init_ray
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    init_ray(config.ray)
+    out = Path(args.out)
+    if args.binary_choice:
+        figures = run_binary_choice(config.judge, config.evaluate, args.benchmark, args.binary_choice, out,
+                                    config.prompts, config.space.build())
+        print(f"binary-choice accuracy {figures['accuracy']} over {figures['n']} ({figures['n_invalid']} unusable)")
+    else:
+        if not (args.model_a and args.model_b and args.judge):
+            sys.exit("--model-a, --model-b and --judge are required (or --binary-choice MODEL)")
+        figures = run_judge(config.judge, config.evaluate, args.benchmark,
+                            [(args.model_a, args.method_a), (args.model_b, args.method_b)], args.judge, out,
+                            config.prompts, space=config.space.build())
+        print(f"win rate of A {figures['win_rate']}: win {figures['win']}, lose {figures['lose']}, "
+              f"tie {figures['tie']}, unusable {figures['invalid']}")
+    print(f"figures: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["ica", "pba"], help="default: the config's train.method")
     p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="alignment accuracy of a policy on an official benchmark file or AlignX_test")
+    _config_args(p, "configs/demo.yaml")
+    p.add_argument("--benchmark", required=True, help="official benchmark JSON, or an AlignX parquet file or folder")
+    p.add_argument("--method", choices=["ica", "pba"], required=True, help="the prompt format the policy was trained on")
+    p.add_argument("--policy", required=True, help="the trained model (local path or model-store path)")
+    p.add_argument("--reference", help="the reference model (default: the policy, which scores every pair a tie)")
+    p.add_argument("--out", required=True, help="output directory: metrics.json, scores.parquet")
+    p.add_argument("--persona", action="append", choices=["ugc", "pair", "demo", "all"],
+                   help="persona type to evaluate (repeatable; default: the config's evaluate.personas)")
+    p.add_argument("--history", action="append", type=int,
+                   help="persona items kept per example (repeatable: a sweep, e.g. 2 4 8 16; default: all)")
+    p.add_argument("--profile-source", choices=["auto", "field", "gold", "items", "infer"],
+                   help="PBA: where P~ comes from (default: the config's evaluate.profile_source)")
+    p.add_argument("--no-reversal", action="store_true", help="skip the reversed-preference variants")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("judge", help="judge win rate of two models (Table 3), or binary-choice accuracy (Table 10)")
+    _config_args(p, "configs/demo.yaml")
+    p.add_argument("--benchmark", required=True, help="official benchmark JSON, or an AlignX parquet file or folder")
+    p.add_argument("--model-a", help="first model; its responses are judged against --model-b's")
+    p.add_argument("--method-a", choices=["ica", "pba"], default="ica", help="the prompt format model A answers in")
+    p.add_argument("--model-b", help="second model")
+    p.add_argument("--method-b", choices=["ica", "pba"], default="ica")
+    p.add_argument("--judge", help="the judge model (vLLM), conditioned on the user's persona")
+    p.add_argument("--binary-choice", metavar="MODEL",
+                   help="instead: ask MODEL which response the user prefers and report its accuracy")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("demo", help="run every stage on the embedded default, on a local Ray instance")
     _config_args(p, "configs/demo.yaml")

@@ -44,6 +44,12 @@ class SpaceConfig(Section):
         return SPACE.extend(PreferenceSpace.from_records(self.extra_dimensions)) if self.extra_dimensions else SPACE
 
 
+def resolve_local(path: str) -> str:
+    """An existing local path made absolute (Ray workers run in another directory); URIs and
+    model-store names unchanged."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def load_config(cls: type[Config], path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read YAML (or nothing: all defaults), apply dotted `key=value` overrides, validate."""
     data = yaml.safe_load(Path(path).read_text()) if path else {}

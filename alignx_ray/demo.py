@@ -7,6 +7,7 @@ in the report, which makes the demo an end-to-end test of the whole path, not a 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from alignx_ray.annotator import label_accuracy
+from alignx_ray.evaluate import percent
 from alignx_ray.pipeline import Run, RunConfig
 from alignx_ray.report import RunReport
 from alignx_ray.space import NEUTRAL, compare_levels, level_to_direction
@@ -63,6 +65,38 @@ def dataset_vs_truth(run: Run) -> dict:
         f"{kind}_dimensions_checked": n for kind, (_, n) in counts.items()}
 
 
+def demo_benchmarks(run: Run) -> dict[str, tuple[str, str | None]]:
+    """name -> (file, upstream fingerprint): the run's AlignX_test, the configured benchmark
+    files, and the official P-SOUPS file when ALIGNX_OFFICIAL_DIR points at the official data."""
+    benchmarks = {"alignx_test": (str(run.dir("dataset") / "test"), run.dataset()["fingerprint"])}
+    official = os.environ.get("ALIGNX_OFFICIAL_DIR")
+    files = list(run.config.evaluate.benchmarks)
+    if official and (Path(official) / "psoups_friendly_unfriendly.json").exists():
+        files.append(str(Path(official) / "psoups_friendly_unfriendly.json"))
+    benchmarks.update({Path(f).stem: (f, None) for f in files})
+    return benchmarks
+
+
+def evaluate_all(run: Run) -> None:
+    """Both trained methods on every demo benchmark, the judge on AlignX_test, one table."""
+    rows = ["| method | benchmark | persona | accuracy (%) | n | reversed accuracy (%) | flip rate (%) |",
+            "|---|---|---|---|---|---|---|"]
+    for name, (path, upstream) in demo_benchmarks(run).items():
+        for method in ("ica", "pba"):
+            figures = run.evaluate(method, path, name, upstream)
+            for persona, group in figures["persona"].items():
+                rev = figures["reversal"].get(persona, {})
+                rows.append(f"| {method.upper()} | {name} | {persona} | {percent(group['accuracy'])} | {group['n']} | "
+                            f"{percent(rev.get('accuracy'))} | {percent(rev.get('flip_rate'))} |")
+    name, (path, upstream) = "alignx_test", demo_benchmarks(run)["alignx_test"]
+    judged = run.judge(path, name, upstream)
+    wins, choice = judged["ica_vs_pba"], judged["ica_binary_choice"]
+    rows += ["", f"Judge ({wins['judge']}) on {name}: ICA against PBA win {wins['win']}, lose {wins['lose']}, "
+                 f"tie {wins['tie']}, unusable {wins['invalid']}; win rate {percent(wins['win_rate'])} %. "
+                 f"ICA's binary-choice accuracy: {percent(choice['accuracy'])} % of {choice['n']}."]
+    run.report.add("evaluation", {"markdown": "\n".join(rows)})
+
+
 def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
     started = time.time()
     run = Run(config, run_dir, RunReport(run_dir, "alignx-ray demo"))
@@ -79,5 +113,6 @@ def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
     run.report.add("dataset_vs_planted", dataset_vs_truth(run))
     for method in ("ica", "pba"):
         run.train(method)
+    evaluate_all(run)
     run.report.add("run", {"seconds": round(time.time() - started, 1)})
     return run.report

@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from alignx_ray import prompts
+from alignx_ray.config import resolve_local
 from alignx_ray.dpo_config import TrainConfig
-from alignx_ray.dpo_data import dpo_example, summed_logprobs
+from alignx_ray.dpo_data import dpo_example
 
 FINAL_MARKER = "alignx_final.json"
 FIGURES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
@@ -122,7 +123,7 @@ def run_training(config: TrainConfig, model: str, dataset: str, storage_path: st
 
     deepspeed = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else None  # read here: the
     # workers of a submitted job may run on nodes without this path
-    model, dataset = (str(Path(p).resolve()) if Path(p).exists() else p for p in (model, dataset))  # workers' cwd differs
+    model, dataset = resolve_local(model), resolve_local(dataset)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(), "model": model, "dataset": dataset,
@@ -141,19 +142,11 @@ def run_training(config: TrainConfig, model: str, dataset: str, storage_path: st
 
 
 def fit_accuracy(policy: str, reference: str, examples: list[dict]) -> dict:
-    """Alignment accuracy on the given pairs: summed response log-probs, policy minus
-    reference; correct when the chosen reward exceeds the rejected one (strictly)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Alignment accuracy (the evaluation rule, `evaluate.reward_margin`) on the given pairs."""
+    from alignx_ray.evaluate import load_models, reward_margin, score_pairs
 
-    tokenizer = AutoTokenizer.from_pretrained(policy)
-    prompts_ = [e["prompt"] for e in examples]
-    logps = {}
-    for name, path in (("policy", policy), ("reference", reference)):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        logps[name] = {side: summed_logprobs(model, tokenizer, prompts_, [e[side] for e in examples])
-                       for side in ("chosen", "rejected")}
-    margin = sum(sign * (logps["policy"][side] - logps["reference"][side])
-                 for sign, side in ((1, "chosen"), (-1, "rejected")))
+    policy_model, reference_model, tokenizer = load_models(policy, reference)
+    margin = reward_margin(score_pairs(policy_model, reference_model, tokenizer, [e["prompt"] for e in examples],
+                                       [e["chosen"] for e in examples], [e["rejected"] for e in examples]))
     return {"fit_accuracy": float(np.mean(margin > 0)) if len(examples) else None, "n": len(examples),
             "mean_margin": float(np.mean(margin)) if len(examples) else None}

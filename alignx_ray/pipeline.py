@@ -22,7 +22,9 @@ from alignx_ray.annotator import AnnotatorConfig, build_annotator
 from alignx_ray.config import RayConfig, Section, SpaceConfig
 from alignx_ray.dataset import BuildConfig
 from alignx_ray.dpo_config import TrainConfig
+from alignx_ray.evaluate import EvalConfig
 from alignx_ray.ingest import IngestConfig, run_ingest
+from alignx_ray.judge import JudgeConfig
 from alignx_ray.prompts import PromptTemplates
 from alignx_ray.report import RunReport
 
@@ -33,6 +35,8 @@ class RunConfig(Section):
     threads: the generated demo threads, used when `ingest.input` is not set.
     annotator: the tiny annotator, used when `annotate.engine.model` is not set.
     train: DPO settings shared by both methods (`train.method` picks one for `alignx train`).
+    evaluate: how trained models are evaluated (`alignx evaluate`, and the demo).
+    judge: the judge win rate and binary-choice accuracy (`alignx judge`, and the demo).
     """
 
     run_dir: str = "runs/demo"
@@ -45,6 +49,8 @@ class RunConfig(Section):
     annotate: AnnotateConfig = AnnotateConfig()
     build: BuildConfig = BuildConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    judge: JudgeConfig = JudgeConfig()
 
 
 def fingerprint(*parts) -> str:
@@ -218,5 +224,48 @@ class Run:
             figures, final = run_training(cfg, model, dataset, storage, self.dir(stage), self.config.prompts)
             examples = training_examples(cfg, dataset, AutoTokenizer.from_pretrained(model), self.config.prompts)
             return {**figures, **fit_accuracy(final, model, examples), "model": final}
+
+        return self.stage(stage, key, compute)
+
+    def evaluate(self, method: str, benchmark: str, name: str, upstream: str | None = None) -> dict:
+        """The method's trained model against the starting model on one benchmark file
+        (`upstream`: the fingerprint of the stage that wrote it, else its modification time)."""
+        from alignx_ray.evaluate import run_evaluation
+        from alignx_ray.raycluster import init_ray
+
+        trained, reference = self.train(method), self.policy_model()
+        cfg = self.config.evaluate
+        stage = f"evaluate_{method}_{name}"
+        key = fingerprint(cfg, self.config.prompts, trained["fingerprint"], benchmark,
+                          upstream or Path(benchmark).stat().st_mtime)
+
+        def compute() -> dict:
+            init_ray(self.config.ray)
+            return run_evaluation(cfg, benchmark, method, trained["model"], reference, self.dir(stage),
+                                  self.config.prompts, self.annotation_model(), self.config.space.build())
+
+        return self.stage(stage, key, compute)
+
+    def judge(self, benchmark: str, name: str, upstream: str | None = None) -> dict:
+        """Judge win rate of the ICA model against the PBA model (the judge: `judge.engine.model`,
+        else the starting model), and the ICA model's binary-choice accuracy, on one benchmark."""
+        from alignx_ray.judge import run_binary_choice, run_judge
+        from alignx_ray.raycluster import init_ray
+
+        ica, pba = self.train("ica"), self.train("pba")
+        cfg, judge_model = self.config.judge, self.config.judge.engine.model or self.policy_model()
+        stage = f"judge_{name}"
+        key = fingerprint(cfg, self.config.evaluate, self.config.prompts, ica["fingerprint"], pba["fingerprint"],
+                          judge_model, benchmark, upstream or Path(benchmark).stat().st_mtime)
+
+        def compute() -> dict:
+            init_ray(self.config.ray)
+            args = (self.config.evaluate, benchmark)
+            wins = run_judge(cfg, *args, [(ica["model"], "ica"), (pba["model"], "pba")], judge_model,
+                             self.dir(stage) / "win_rate", self.config.prompts, self.annotation_model(),
+                             self.config.space.build())
+            choice = run_binary_choice(cfg, *args, ica["model"], self.dir(stage) / "binary_choice", self.config.prompts,
+                                       self.config.space.build())
+            return {"ica_vs_pba": wins, "ica_binary_choice": choice}
 
         return self.stage(stage, key, compute)

@@ -69,18 +69,8 @@ Query:
 
 Answer with one JSON object with the keys "reason" (why), "textual persona" (a short description of the person), "dimension description" (an object from dimension name to label), "like keywords" and "dislike keywords" (comma-separated)."""
 
-DIRECTION_TEMPLATE = """Below is one record from a user's history on a forum. Which preferences of the user does it reveal? Choose only from these labels, at most one per line of the list, and only when the record clearly shows it:
-
-{label_list}
-
-Record:
-{item}
-
-Answer with one JSON object: {{"preferences": [the chosen labels]}}."""
-
-JUDGE_TEMPLATE = """A user's earlier behaviour shows what they like. For their new query, decide which response fits their needs and preferences better; a tie is allowed.
-
-User history:
+# The judge (Table 3) and the binary-choice question (Table 10) show the same material.
+TWO_RESPONSES = """User history:
 {history}
 
 Query:
@@ -92,7 +82,17 @@ Response A:
 Response B:
 {response_b}
 
-Answer with one JSON object: {{"choice": "Response A"}}, {{"choice": "Response B"}} or {{"choice": "Tie"}}."""
+"""
+JUDGE_TEMPLATE = (
+    "A user's earlier behaviour shows what they like. For their new query, decide which response fits their "
+    "needs and preferences better; a tie is allowed.\n\n" + TWO_RESPONSES
+    + 'Answer with one JSON object: {{"choice": "Response A"}}, {{"choice": "Response B"}} or {{"choice": "Tie"}}.'
+)
+BINARY_CHOICE_TEMPLATE = (
+    "A user's earlier behaviour shows what they like. For their new query, decide which of the two responses "
+    "this user prefers.\n\n" + TWO_RESPONSES
+    + 'Answer with one JSON object: {{"choice": "Response A"}} or {{"choice": "Response B"}}.'
+)
 
 # The released AlignXpert formats (Appendix B.2): official checkpoints expect exactly these.
 ICA_SYSTEM = "Generate a task-specific response based on user historical behavior and preferences.\n"
@@ -119,8 +119,8 @@ class PromptTemplates(BaseModel):
     annotation_example: str | None = None  # None: built from EXAMPLE_* and the space
     question: str = "{question} (1) {option_1} (2) {option_2} (3) {option_3}"
     demographic: str = DEMOGRAPHIC_TEMPLATE
-    direction: str = DIRECTION_TEMPLATE
     judge: str = JUDGE_TEMPLATE
+    binary_choice: str = BINARY_CHOICE_TEMPLATE
     ica_system: str = ICA_SYSTEM
     ica_user: str = ICA_USER
     pba_system: str = PBA_SYSTEM
@@ -235,15 +235,6 @@ def demographic_json_schema(space: PreferenceSpace = SPACE) -> dict:
         },
         "required": ["reason", "textual persona", "dimension description", "like keywords", "dislike keywords"],
     }
-
-
-def direction_prompt(templates: PromptTemplates, item: str, space: PreferenceSpace = SPACE) -> str:
-    labels = "\n".join(f"- {d.positive} | {d.negative}" for d in space)
-    return templates.direction.format(label_list=labels, item=item)
-
-
-def judge_prompt(templates: PromptTemplates, history: str, query: str, response_a: str, response_b: str) -> str:
-    return templates.judge.format(history=history, query=query, response_a=response_a, response_b=response_b)
 
 
 def behaviour_history(templates: PromptTemplates, ugc: list[dict], pairs: list[dict], demographic: str = "") -> str:

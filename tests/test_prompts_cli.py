@@ -48,11 +48,11 @@ def test_demographic_prompt_lists_48_dimensions_and_43_keywords():
     assert len(schema["properties"]["dimension description"]["properties"]) == 48
 
 
-def test_direction_and_judge_prompts_carry_their_inputs():
-    text = prompts.direction_prompt(T, "Post: Which pan?\nChosen: Cast iron.\nRejected: Any.")
-    assert "Cast iron." in text and text.count("\n- ") == 90 and "Likes humor | Dislikes humor" in text
-    judge = prompts.judge_prompt(T, "history H", "query Q", "answer A", "answer B")
-    assert all(x in judge for x in ("history H", "query Q", "answer A", "answer B", '"Tie"'))
+def test_judge_and_binary_choice_prompts_carry_their_inputs():
+    fields = {"history": "history H", "query": "query Q", "response_a": "answer A", "response_b": "answer B"}
+    judge, binary = T.judge.format(**fields), T.binary_choice.format(**fields)
+    assert all(x in judge and x in binary for x in fields.values())
+    assert '"Tie"' in judge and "Tie" not in binary
 
 
 def test_few_shot_example_and_overrides():

@@ -16,29 +16,7 @@ import yaml
 from alignx_ray import prompts, schema
 from alignx_ray.dpo_data import dpo_example, profile_text, sample_items
 from alignx_ray.space import SPACE
-
-D = len(SPACE)
-
-
-def direction(**dims) -> list[float]:
-    v = [0.5] * D
-    for key, value in dims.items():
-        v[int(key[1:])] = value
-    return v
-
-
-def alignx_row(i: int, n_ugc=6, n_pair=6) -> dict:
-    return {
-        "prompt": f"Post {i}: what should I cook tonight?", "chosen": f"Try a spicy curry, friend {i}.",
-        "rejected": f"Order takeout {i}.", schema.DIRECTION: direction(d2=1.0),
-        schema.DEMOGRAPHIC: "An outgoing cook.",
-        schema.UGC: [{"prompt": f"u-post {j}", "comment": f"u-comment {j}", schema.DIRECTION: direction(d2=1.0)}
-                     for j in range(n_ugc)],
-        schema.PAIR: [{"prompt": f"p-post {j}", "chosen": f"good {j}", "rejected": f"bad {j}",
-                       schema.DIRECTION: direction(d2=1.0, d3=0.0 if j % 2 else 0.5)} for j in range(n_pair)],
-        "example_id": f"ex-{i}", "split": "train",
-    }
-
+from alignx_rows import alignx_row, direction
 
 def test_item_sampling_is_seeded_and_bounded():
     counts = set()
