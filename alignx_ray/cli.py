@@ -98,11 +98,9 @@ def cmd_evaluate(args) -> None:
         updates["reversal"] = False
     cfg = config.evaluate.model_copy(update={k: v for k, v in updates.items() if v})
     run = Run(config, Path(args.out))
-    annotator = config.evaluate.direction_engine.model or (
-        run.annotation_model() if args.method == "pba" and cfg.profile_source in ("auto", "infer") else None)
     init_ray(config.ray)
     figures = run_evaluation(cfg, args.benchmark, args.method, args.policy, args.reference or args.policy,
-                             Path(args.out), config.prompts, annotator, config.space.build())
+                             Path(args.out), config.prompts, run.annotation_model, config.space.build())
     print(figures.pop("markdown"))
     print(f"\nmetrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.parquet'}")
 

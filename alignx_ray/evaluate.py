@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -252,10 +253,11 @@ def read_examples(benchmark: str, config: EvalConfig, out_dir: Path, space: Pref
 
 
 def variant_table(variants: list[eval_data.Variant], method: str, config: EvalConfig, tokenizer,
-                  templates: prompts.PromptTemplates, annotator: str, space: PreferenceSpace = SPACE):
+                  templates: prompts.PromptTemplates, annotator: Callable[[], str], space: PreferenceSpace = SPACE):
     """(the variants with their prompts in the method's format, (inferred P~, gold) pairs for
     calibration). PBA's P~ comes from `config.profile_source`; what must be inferred is
-    annotated in a Ray task holding `direction_num_gpus` GPUs."""
+    annotated in a Ray task holding `direction_num_gpus` GPUs, by `direction_engine.model`
+    or else the model `annotator()` returns (called only then: it may have to be built)."""
     profiles, calibration_pairs, sources = {}, [], {}
     if method == "pba":
         needs_inference = [v for v in variants if eval_data.profile_direction(v, config.profile_source)[0] == "infer"]
@@ -265,7 +267,7 @@ def variant_table(variants: list[eval_data.Variant], method: str, config: EvalCo
 
             task = ray.remote(num_gpus=config.direction_num_gpus)(infer_profiles)
             inferred = ray.get(task.remote(needs_inference, config.direction_engine,
-                                           resolve_local(config.direction_engine.model or annotator),
+                                           resolve_local(config.direction_engine.model or annotator()),
                                            templates, config.direction_batch, space))
         for v in variants:
             sources[v.row_id], profiles[v.row_id] = eval_data.profile_direction(v, config.profile_source, inferred, space)
@@ -283,16 +285,17 @@ def variant_table(variants: list[eval_data.Variant], method: str, config: EvalCo
 
 
 def run_evaluation(config: EvalConfig, benchmark: str, method: str, policy: str, reference: str, out_dir: Path,
-                   templates: prompts.PromptTemplates = prompts.PromptTemplates(), annotator: str | None = None,
-                   space: PreferenceSpace = SPACE) -> dict:
-    """Evaluate one method on one benchmark file; writes scores.parquet and metrics.json."""
+                   templates: prompts.PromptTemplates = prompts.PromptTemplates(),
+                   annotator: Callable[[], str] | None = None, space: PreferenceSpace = SPACE) -> dict:
+    """Evaluate one method on one benchmark file; writes scores.parquet and metrics.json.
+    `annotator` gives the model that infers P~ when needed (None: the policy)."""
     from transformers import AutoTokenizer
 
     started = time.time()
     examples, rejected = read_examples(benchmark, config, out_dir, space)
     variants = build_variants(examples, config)
     table, calibration_pairs = variant_table(variants, method, config, AutoTokenizer.from_pretrained(policy), templates,
-                                             annotator or policy, space)
+                                             annotator or (lambda: policy), space)
     scored = score_resumable(table, config, policy, reference, out_dir / "_scoring")
     pq.write_table(scored, out_dir / "scores.parquet")
     figures = {

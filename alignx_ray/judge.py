@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -214,7 +215,7 @@ def persona_context(variants: list[eval_data.Variant], templates: prompts.Prompt
 
 def run_judge(config: JudgeConfig, eval_config: EvalConfig, benchmark: str, contenders: list[tuple[str, str]],
               judge_model: str, out_dir: Path, templates: prompts.PromptTemplates = prompts.PromptTemplates(),
-              annotator: str | None = None, space: PreferenceSpace = SPACE) -> dict:
+              annotator: Callable[[], str] | None = None, space: PreferenceSpace = SPACE) -> dict:
     """Table 3: win rate of contenders[0] against contenders[1], each a (model, method) that
     answers every example's query in its own prompt format; the judge reads the persona."""
     import ray
@@ -225,7 +226,7 @@ def run_judge(config: JudgeConfig, eval_config: EvalConfig, benchmark: str, cont
     responses = []
     for model, method in contenders:
         table, _ = variant_table(variants, method, eval_config, AutoTokenizer.from_pretrained(model), templates,
-                                 annotator or model, space)
+                                 annotator or (lambda: model), space)
         task = _on_vllm(_generate, config.num_gpus)
         responses.append(ray.get(task.remote(config.engine, resolve_local(model), table.column("prompt_text").to_pylist(),
                                              ids, config)))

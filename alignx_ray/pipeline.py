@@ -242,7 +242,7 @@ class Run:
         def compute() -> dict:
             init_ray(self.config.ray)
             return run_evaluation(cfg, benchmark, method, trained["model"], reference, self.dir(stage),
-                                  self.config.prompts, self.annotation_model(), self.config.space.build())
+                                  self.config.prompts, self.annotation_model, self.config.space.build())
 
         return self.stage(stage, key, compute)
 
@@ -262,7 +262,7 @@ class Run:
             init_ray(self.config.ray)
             args = (self.config.evaluate, benchmark)
             wins = run_judge(cfg, *args, [(ica["model"], "ica"), (pba["model"], "pba")], judge_model,
-                             self.dir(stage) / "win_rate", self.config.prompts, self.annotation_model(),
+                             self.dir(stage) / "win_rate", self.config.prompts, self.annotation_model,
                              self.config.space.build())
             choice = run_binary_choice(cfg, *args, ica["model"], self.dir(stage) / "binary_choice", self.config.prompts,
                                        self.config.space.build())
