@@ -59,24 +59,30 @@ def label_batch(engine, bank: QuestionBank, posts, responses, max_prompt_tokens:
     too_long = [max_prompt_tokens is not None and len(q.prefix) + longest_question > max_prompt_tokens
                 for q in requests]
     scored = iter(engine.score([q for q, bad in zip(requests, too_long) if not bad]))
+    # vLLM says how many prompt tokens its prefix cache served; other engines share by design.
+    cached_tokens = iter(getattr(engine, "cached_tokens", None) or [])
     n_dims = len(bank.questions)
-    levels, probs, reasons = [], [], []
+    levels, probs, reasons, cached = [], [], [], []
     for q, bad in zip(requests, too_long):
         if bad:
             levels.append(np.zeros(0, np.uint8))
             probs.append(np.zeros((0, 3), np.float32))
             reasons.append(f"prompt_too_long: {len(q.prefix)} prefix tokens + questions > {max_prompt_tokens}")
+            cached.append(None)
         else:
             p = next(scored)
             assert p.shape == (n_dims, 3)
             levels.append(levels_from_probs(p))
             probs.append(p.astype(np.float32))
             reasons.append(None)
+            cached.append(next(cached_tokens, None))
     return {
         "levels": levels,
         "option_probs": probs,
         REJECT_COLUMN: reasons,
         "unique_tokens": [q.unique_tokens() for q in requests],
+        "prompt_tokens": [len(q.prefix) * len(q.branches) + sum(map(len, q.branches)) for q in requests],
+        "cached_tokens": cached,
     }
 
 
@@ -121,6 +127,8 @@ class AnnotateUDF:
                                                     pa.list_(pa.list_(pa.float32(), 3)))) \
             .append_column(REJECT_COLUMN, pa.array(out[REJECT_COLUMN], pa.string())) \
             .append_column("unique_tokens", pa.array(out["unique_tokens"], pa.int64())) \
+            .append_column("prompt_tokens", pa.array(out["prompt_tokens"], pa.int64())) \
+            .append_column("cached_tokens", pa.array(out["cached_tokens"], pa.int64())) \
             .append_column("engine", pa.array([self.engine.name] * n)) \
             .append_column("model", pa.array([self.model_id] * n)) \
             .append_column("prompt_version", pa.array([self.prompt_version] * n))
@@ -161,9 +169,13 @@ def finish_stage(out_dir: Path, stage: str, started: float, written_before: set[
     pq.write_table(rejected, out_dir / "_rejected" / f"{stage}.parquet")
     seconds = time.time() - started
     new_files = sorted(set((out_dir / "data").glob("*.parquet")) - set(written_before))
-    now = pq.read_table(new_files, columns=["unique_tokens"]) if new_files else pa.table({"unique_tokens": []})
+    counted = ["unique_tokens", "prompt_tokens", "cached_tokens"]
+    now = pq.read_table(new_files, columns=counted) if new_files else pa.table({c: pa.array([], pa.int64())
+                                                                                for c in counted})
     done_now = now.num_rows
     tokens_now = pa.compute.sum(now["unique_tokens"]).as_py() or 0
+    reported = now.filter(pa.compute.is_valid(now["cached_tokens"]))
+    prompt_tokens = pa.compute.sum(reported["prompt_tokens"]).as_py()
     return {
         "responses_in": table.num_rows,
         "labelled": table.num_rows - bad.num_rows,
@@ -173,4 +185,7 @@ def finish_stage(out_dir: Path, stage: str, started: float, written_before: set[
         "seconds": round(seconds, 2),
         "responses_per_s": round(done_now / seconds, 3),
         "unique_tokens_per_s": round(tokens_now / seconds, 1),
+        # Share of the branch prompts' tokens served from vLLM's prefix cache (None: not vLLM).
+        "prefix_cache_hit_rate": round(pa.compute.sum(reported["cached_tokens"]).as_py() / prompt_tokens, 4)
+        if prompt_tokens else None,
     }

@@ -27,11 +27,15 @@ class AssembleConfig(Section):
     """The dataset's splits.
 
     test_per_cell: AlignX_test examples per (dimension, direction) cell at most.
+    test_max: no further dimension is added to AlignX_test once it holds this many examples
+        (dimensions in index order; None: every dimension that has examples). A small corpus
+        sets it, or the test split's held-out threads leave little to train on.
     test_items: items kept in each behavioural persona of a test example (paper: 4).
     seed: mixed with pair ids for the test draw and the item sampling.
     """
 
     test_per_cell: int = 4
+    test_max: int | None = None
     test_items: int = 4
     seed: int = 0
 
@@ -57,6 +61,8 @@ def select_test(rows: list[dict], config: AssembleConfig) -> dict[str, tuple[int
             shows.setdefault((int(d), float(agree[d])), []).append(r["pair_id"])
     test: dict[str, tuple[int, float]] = {}
     for d in range(n_dims):
+        if config.test_max is not None and len(test) >= config.test_max:
+            break
         cells = [[p for p in shows.get((d, v), []) if p not in test] for v in CELL_DIRECTIONS]
         n = min(config.test_per_cell, *map(len, cells))
         for v, cell in zip(CELL_DIRECTIONS, cells):

@@ -32,22 +32,24 @@ def annotation_vs_truth(run: Run) -> dict:
 
 
 def dataset_vs_truth(run: Run) -> dict:
-    """How often the dataset's directions equal those computed from the planted levels, on the
-    dimensions where the dataset's direction is non-neutral: the pair direction against
-    compare_levels(planted y_w, planted y_l), a UGC item against its planted level vs the
-    median, a PAIR item against its own planted pair."""
+    """How often the dataset's directions equal those computed from the planted levels: the
+    pair direction against compare_levels(planted y_w, planted y_l), a UGC item against its
+    planted level vs the median, a PAIR item against its own planted pair. Counted two ways:
+    `on_planted`, over the dimensions where the planted direction is non-neutral (does the
+    dataset find the preference that is there?), and `on_labelled`, over those where the
+    dataset's direction is non-neutral (is a preference it states really there?)."""
     truth = pq.read_table(run.dir("threads") / "truth.parquet").to_pydict()
     levels = {rid: np.asarray(lv) for rid, lv in zip(truth["response_id"], truth["levels"])}
     pairs = pq.read_table(run.dir("pairs") / "data", columns=["pair_id", "chosen_id", "rejected_id"]).to_pylist()
     planted = {p["pair_id"]: compare_levels(levels[p["chosen_id"]], levels[p["rejected_id"]]) for p in pairs}
     personas = pq.read_table(run.dir("personas") / "data", columns=["pair_id", "ugc", "pair_feedback"]).to_pylist()
-    counts = {kind: [0, 0] for kind in ("pair", "ugc_item", "pair_item")}
+    counts = {(kind, side): [0, 0] for kind in ("pair", "ugc_item", "pair_item") for side in ("planted", "labelled")}
 
     def check(kind: str, got, want) -> None:
-        got = np.asarray(got)
-        decided = got != NEUTRAL
-        counts[kind][0] += int((got == want)[decided].sum())
-        counts[kind][1] += int(decided.sum())
+        got, want = np.asarray(got), np.asarray(want)
+        for side, decided in (("planted", want != NEUTRAL), ("labelled", got != NEUTRAL)):
+            counts[kind, side][0] += int((got == want)[decided].sum())
+            counts[kind, side][1] += int(decided.sum())
 
     examples = {}
     for split in ("train", "test"):
@@ -61,8 +63,8 @@ def dataset_vs_truth(run: Run) -> dict:
             check("ugc_item", item["direction"], level_to_direction(levels[item["response_id"]]))
         for item in p["pair_feedback"]:
             check("pair_item", item["direction"], planted[item["pair_id"]])
-    return {f"{kind}_direction_agreement": round(hit / n, 4) if n else None for kind, (hit, n) in counts.items()} | {
-        f"{kind}_dimensions_checked": n for kind, (_, n) in counts.items()}
+    return {f"{kind}_agreement_on_{side}": round(hit / n, 4) if n else None for (kind, side), (hit, n) in counts.items()} | {
+        f"{kind}_dimensions_{side}": n for (kind, side), (_, n) in counts.items()}
 
 
 def demo_benchmarks(run: Run) -> dict[str, tuple[str, str | None]]:
@@ -114,5 +116,5 @@ def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
     for method in ("ica", "pba"):
         run.train(method)
     evaluate_all(run)
-    run.report.add("run", {"seconds": round(time.time() - started, 1)})
+    run.report.add("run", {"seconds": round(time.time() - started, 1), **run.statuses()})
     return run.report

@@ -171,19 +171,25 @@ class VllmEngine:
         self.warm = SamplingParams(max_tokens=1, temperature=0.0)
         self.params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(option_ids),
                                      allowed_token_ids=option_ids)
+        # Per request of the last `score` call: prompt tokens of its branch prompts that the
+        # prefix cache served (warm-up prompts not counted), None where vLLM does not say.
+        self.cached_tokens: list[int | None] = []
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
         if self.prefix_caching:  # warm every prefix first, so all its branches hit the cache
             self.llm.generate([{"prompt_token_ids": r.prefix} for r in requests], self.warm, use_tqdm=False)
         prompts = [{"prompt_token_ids": r.prefix + b} for r in requests for b in r.branches]
         outputs = iter(self.llm.generate(prompts, self.params, use_tqdm=False))
-        result = []
+        result, self.cached_tokens = [], []
         for r in requests:
-            rows = []
+            rows, cached = [], []
             for _ in r.branches:
-                logprobs = next(outputs).outputs[0].logprobs[0]
+                output = next(outputs)
+                logprobs = output.outputs[0].logprobs[0]
                 rows.append([logprobs[t].logprob if t in logprobs else -np.inf for t in self.option_ids])
+                cached.append(output.num_cached_tokens)
             result.append(torch.softmax(torch.tensor(rows, dtype=torch.float64), -1).float().numpy())
+            self.cached_tokens.append(None if None in cached else sum(cached))
         return result
 
     def prefix_cache_hit_rate(self) -> float | None:

@@ -32,15 +32,15 @@ class PersonaConfig(Section):
     items: H, items kept per persona (paper: 16).
     candidates: nearest neighbours fetched per query before the filters; enough that H
         consistent items from other threads survive them.
-    index: `support` (sparse rows over non-median dimensions), `binary` (FAISS Hamming over
-        bit-packed codes) or `flat_ip` (FAISS float inner product); all exact (retrieval.py).
+    index: `fastscan` (FAISS 4-bit PQ fast-scan with exact codebooks), `binary` (FAISS Hamming
+        over bit-packed codes) or `flat_ip` (FAISS float inner product); all exact (retrieval.py).
     seed: mixed with each pair id into that pair's random stream.
     """
 
     threshold: float = 0.6
     items: int = 16
     candidates: int = 512
-    index: IndexKind = "support"
+    index: IndexKind = "fastscan"
     seed: int = 0
 
 
@@ -117,10 +117,13 @@ def select_items(pairs: pa.Table, pool: Pool, index: LevelIndex, config: Persona
     chosen = np.array(pairs["chosen_levels"].to_pylist(), dtype=np.uint8)
     rejected = np.array(pairs["rejected_levels"].to_pylist(), dtype=np.uint8)
     equal, rows = index.search(chosen, config.candidates)
+    # When the index holds more than `candidates` rows, the tie at the last score may be cut
+    # anywhere, and each index orders ties its own way: only scores above it are kept.
+    cut = equal[:, -1:] if len(index) > config.candidates else np.full((len(rows), 1), -1)
     out = []
     for i, (pair_id, thread_id, direction) in enumerate(zip(
             pairs["pair_id"].to_pylist(), pairs["thread_id"].to_pylist(), pairs["direction"].to_pylist())):
-        keep = (rows[i] >= 0) & (equal[i] >= need)
+        keep = (rows[i] >= 0) & (equal[i] >= need) & (equal[i] > cut[i])
         keep[keep] = pool.thread_ids[rows[i][keep]] != thread_id
         cand, score = rows[i][keep], equal[i][keep]
         if is_pairs:

@@ -65,7 +65,8 @@ def read_manifest(stage_dir: Path) -> dict | None:
 def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: Callable[[], dict]) -> dict:
     """Reuse the stage when its manifest carries `key`, else compute it and stamp the manifest.
 
-    A stage left half-done under the same key resumes; one begun under another key is wiped.
+    A stage left half-done under the same key resumes (status "resumed": it keeps the rows or
+    the training checkpoint it had saved); one begun under another key is wiped ("computed").
     """
     manifest = read_manifest(stage_dir)
     if manifest and manifest.get("fingerprint") == key:
@@ -73,14 +74,16 @@ def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: 
     else:
         started = time.time()
         begun = stage_dir / "_started.json"
-        if begun.exists() and json.loads(begun.read_text()).get("fingerprint") != key:
+        resumed = begun.exists() and json.loads(begun.read_text()).get("fingerprint") == key
+        if begun.exists() and not resumed:
             shutil.rmtree(stage_dir)  # partial work of another config must not be resumed
         stage_dir.mkdir(parents=True, exist_ok=True)
         begun.write_text(json.dumps({"fingerprint": key}))
         figures = {**compute(), "fingerprint": key}
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "_manifest.json").write_text(json.dumps(figures, indent=1, default=str))
-        figures = {**figures, "status": "computed", "stage_seconds": round(time.time() - started, 2)}
+        figures = {**figures, "status": "resumed" if resumed else "computed",
+                   "stage_seconds": round(time.time() - started, 2)}
     report.add(name, figures)
     return figures
 
@@ -100,6 +103,13 @@ class Run:
         if name not in self._finished:
             self._finished[name] = run_stage(self.report, name, self.dir(name), key, compute)
         return self._finished[name]
+
+    def statuses(self) -> dict[str, list[str]]:
+        """Stage names by status ("reused", "resumed", "computed") in the order they ran."""
+        out: dict[str, list[str]] = {}
+        for name, figures in self._finished.items():
+            out.setdefault(figures["status"], []).append(name)
+        return out
 
     def dir(self, stage: str) -> Path:
         return self.run_dir / stage

@@ -7,28 +7,28 @@ Three exact indexes follow, all reporting e as an integer, so the threshold test
 `cosine > t` is decided in integers, never by float rounding:
 - `flat_ip`: FAISS IndexFlatIP, float inner product over the one-hot codes (the reference);
 - `binary`: FAISS IndexBinaryFlat, Hamming distance over the codes packed to bits;
-- `support`: the structure of annotations, where most levels are the median ("cannot
-  reflect"). With |A| the number of non-median dimensions of a, and same / opposite the
-  dimensions where both are non-median and equal / opposite,
-      e = D - |A| - |B| + 2 * same + opposite,
-  so a query costs one pass per non-median dimension it has (adding that dimension's
-  precomputed row of 2 * [equal] + [opposite] over all responses) instead of a D x L inner
-  product per response, and the top k of small integer scores are found by counting.
+- `fastscan`: FAISS IndexPQFastScan (4-bit product quantization scanned with SIMD lookup
+  tables) with codebooks that make it exact. Each sub-quantizer covers two dimensions; its
+  9 used centroids are the 9 level pairs as concatenated one-hots, so a response's code *is*
+  its levels and the lookup table of a query holds [number of the two dimensions equal] in
+  {0, 1, 2}. Fast-scan quantizes those tables to uint8 with one scale a = 255 / 2 = 127.5
+  (round(1 * a) = 128, round(2 * a) = 255) and adds them in uint16, so the score it ranks by
+  is e + n1 / 255, where n1 <= D / 2 counts sub-quantizers with exactly one equal dimension:
+  for D <= 254 that orders by e first and rounds back to e.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
 
 from alignx_ray.pairs import intensity_embedding
-from alignx_ray.space import L, LEVEL_HIGH, LEVEL_LOW, LEVEL_MEDIAN
+from alignx_ray.space import L
 
-IndexKind = Literal["support", "binary", "flat_ip"]
+IndexKind = Literal["fastscan", "binary", "flat_ip"]
+DIMS_PER_CODE = 2  # 3 x 3 level pairs fit a 4-bit code (16 centroids)
 
 
 def min_equal_dims(threshold: float, n_dims: int) -> int:
@@ -46,21 +46,22 @@ def packed_codes(levels: np.ndarray, n_levels: int = L) -> np.ndarray:
 class LevelIndex:
     """An exact index over level vectors; `search` returns equal-dimension counts."""
 
-    def __init__(self, levels: np.ndarray, kind: IndexKind = "support"):
+    def __init__(self, levels: np.ndarray, kind: IndexKind = "fastscan"):
+        import faiss
+
         levels = np.asarray(levels, dtype=np.uint8)
         self.kind = kind
         self.n_dims = levels.shape[1]
-        if kind == "support":
-            self.index = SupportIndex(levels)
-        elif kind in ("binary", "flat_ip"):
-            import faiss
-
-            binary = kind == "binary"
-            codes = packed_codes(levels) if binary else intensity_embedding(levels)
-            self.index = faiss.IndexBinaryFlat(codes.shape[1] * 8) if binary else faiss.IndexFlatIP(codes.shape[1])
-            self.index.add(codes)
+        if kind == "fastscan":
+            self.index = fastscan_index(levels)
+        elif kind == "binary":
+            self.index = faiss.IndexBinaryFlat(packed_codes(levels).shape[1] * 8)
+            self.index.add(packed_codes(levels))
+        elif kind == "flat_ip":
+            self.index = faiss.IndexFlatIP(self.n_dims * L)
+            self.index.add(intensity_embedding(levels))
         else:
-            raise ValueError(f"unknown index kind {kind!r}: use 'support', 'binary' or 'flat_ip'")
+            raise ValueError(f"unknown index kind {kind!r}: use 'fastscan', 'binary' or 'flat_ip'")
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -69,64 +70,41 @@ class LevelIndex:
         """(equal dims (Q, k) int32, row ids (Q, k) int64), most similar first."""
         levels = np.asarray(levels, dtype=np.uint8)
         k = min(k, len(self))
-        if self.kind == "support":
-            return self.index.search(levels, k)
         if self.kind == "binary":
             hamming, ids = self.index.search(packed_codes(levels), k)
             return (self.n_dims - hamming // 2).astype(np.int32), ids
-        scores, ids = self.index.search(intensity_embedding(levels), k)
+        queries = intensity_embedding(levels)
+        if self.kind == "fastscan":  # the padding dimension of an odd D matches nothing
+            queries = np.pad(queries, ((0, 0), (0, fastscan_dims(self.n_dims) * L - queries.shape[1])))
+        scores, ids = self.index.search(queries, k)
         return np.rint(scores).astype(np.int32), ids
 
 
-class SupportIndex:
-    """Exact top-k equal dimensions for three-level annotations (see the module docstring).
+def fastscan_dims(n_dims: int) -> int:
+    """D rounded up to whole sub-quantizers."""
+    return -(-n_dims // DIMS_PER_CODE) * DIMS_PER_CODE
 
-    Holds, per dimension d and query level l in {low, high}, the uint8 row over all
-    responses of 2 * [b_d == l] + [b_d == opposite of l], and D - |B| per response; a
-    query's running sum D - |B| + 2 * same + opposite <= D + |B| <= 2D fits in uint8 for
-    D <= 127. Queries run on `threads` threads (NumPy releases the GIL in its loops). Ties
-    at the k-th score go to the smaller row id.
-    """
 
-    def __init__(self, levels: np.ndarray, threads: int | None = None):
-        if L != 3 or levels.shape[1] > 127:
-            raise ValueError("the support index needs three levels around a median and at most 127 dimensions")
-        self.ntotal = len(levels)
-        self.threads = threads or os.cpu_count() or 1
-        high, low = (levels == LEVEL_HIGH).T, (levels == LEVEL_LOW).T
-        self.rows = {LEVEL_HIGH: np.ascontiguousarray(2 * high + low, dtype=np.uint8),
-                     LEVEL_LOW: np.ascontiguousarray(2 * low + high, dtype=np.uint8)}
-        self.base = (levels.shape[1] - (levels != LEVEL_MEDIAN).sum(axis=1)).astype(np.uint8)
+def fastscan_index(levels: np.ndarray):
+    """IndexPQFastScan over (N, D) levels with the exact codebooks of the module docstring."""
+    import faiss
 
-    def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        acc = self.base.copy()
-        support = np.flatnonzero(query != LEVEL_MEDIAN)
-        for d in support:
-            acc += self.rows[int(query[d])][d]
-        cut = int(acc.max()) - 4
-        top = np.flatnonzero(acc >= cut)
-        while len(top) < k:  # widen the window below the best score until it holds k
-            cut -= 8
-            top = np.flatnonzero(acc >= cut)
-        values = acc[top]
-        kth = np.partition(values, len(values) - k)[len(values) - k]
-        above, tied = top[values > kth], top[values == kth][: k - int((values > kth).sum())]  # ids ascending
-        top = np.concatenate([above, tied])
-        top = top[np.lexsort((top, -acc[top].astype(np.int16)))]
-        return acc[top].astype(np.int32) - len(support), top
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = np.empty((len(queries), k), np.int32)
-        ids = np.empty((len(queries), k), np.int64)
-
-        def run(rows: range) -> None:
-            for i in rows:
-                scores[i], ids[i] = self.top_k(queries[i], k)
-
-        chunks = [range(start, min(start + 64, len(queries))) for start in range(0, len(queries), 64)]
-        with ThreadPoolExecutor(self.threads) as pool:
-            list(pool.map(run, chunks))
-        return scores, ids
+    n, n_dims = levels.shape
+    if L != 3 or n_dims > 254:
+        raise ValueError("the fastscan index is exact for three levels and at most 254 dimensions")
+    padded = fastscan_dims(n_dims)
+    m = padded // DIMS_PER_CODE
+    pq_index = faiss.IndexPQ(padded * L, m, 4, faiss.METRIC_INNER_PRODUCT)
+    centroids = np.zeros((m, 16, DIMS_PER_CODE * L), np.float32)
+    for code, (first, second) in enumerate(np.ndindex(L, L)):
+        centroids[:, code, first] = centroids[:, code, L + second] = 1
+    faiss.copy_array_to_vector(centroids.ravel(), pq_index.pq.centroids)
+    pq_index.is_trained = True
+    pairs = np.pad(levels.astype(np.uint8) - 1, ((0, 0), (0, padded - n_dims))).reshape(n, m, DIMS_PER_CODE)
+    codes = np.pad(pairs[..., 0] * L + pairs[..., 1], ((0, 0), (0, m % 2)))  # 4-bit codes, low nibble first
+    faiss.copy_array_to_vector((codes[:, 0::2] | codes[:, 1::2] << 4).astype(np.uint8).ravel(), pq_index.codes)
+    pq_index.ntotal = n
+    return faiss.IndexPQFastScan(pq_index)
 
 
 def same_neighbours(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:

@@ -1,11 +1,5 @@
 """The annotation job on a real local Ray instance: actors, checkpoints, a real kill -9."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +7,7 @@ import yaml
 
 from alignx_ray.config import load_config
 from alignx_ray.pipeline import Run, RunConfig
+from processes import alignx, exists, kill_when, run_to_end
 
 
 def write_config(path, model_dir, kind="transformers", n_threads=6, batch=2):
@@ -51,6 +46,7 @@ def test_every_response_annotated_once(reference_run):
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert np.array_equal(np.array(out["levels"]), np.array([3, 1, 2])[probs.argmax(-1)])
     assert figures["responses_per_s"] > 0 and figures["unique_tokens_per_s"] > 0
+    assert figures["prefix_cache_hit_rate"] is None  # the tree engine shares prefixes by construction
 
 
 def test_rerun_reuses_the_finished_stage(reference_run):
@@ -67,6 +63,8 @@ def test_vllm_engine_in_a_ray_actor(tmp_path, tiny_model_dir, ray_local, referen
     figures = run.annotate()
     out = sorted_output(tmp_path)
     assert figures["labelled"] == len(out["response_id"]) > 0
+    # Each response's prefix is warmed first, so its 90 question prompts find it cached.
+    assert 0.5 < figures["prefix_cache_hit_rate"] <= 1
     # Same rows as the transformers engine on the same model: identical labels.
     ref = sorted_output(reference_run[0].run_dir)
     ref_levels = dict(zip(ref["response_id"], ref["levels"]))
@@ -78,24 +76,13 @@ def test_killed_run_resumes_to_identical_output(tmp_path, tiny_model_dir, refere
     """kill -9 the whole job midway, run the same command again: same rows as uninterrupted."""
     config = write_config(tmp_path / "config.yaml", tiny_model_dir)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "alignx_ray.cli", "annotate", "--config", str(config), "--run-dir", str(run_dir)]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = alignx("annotate", "--config", str(config), "--run-dir", str(run_dir))
     # Kill once the annotation stage is running (its Ray Data checkpoint store exists): on
     # input this small Ray Data may write the stage as one block, so the kill can land before
     # any row is checkpointed; either way the re-run must finish with the same rows.
-    checkpoint = run_dir / "annotate" / "_checkpoint"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not checkpoint.exists():
-        time.sleep(0.2)
-    time.sleep(3)
-    assert proc.poll() is None, "the run finished before it could be killed; give it more work"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, exists(run_dir / "annotate" / "_checkpoint"), timeout=240, settle=3)
     assert not (run_dir / "annotate" / "_manifest.json").exists()
-
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_to_end(cmd, timeout=600)
     resumed, reference = sorted_output(run_dir), sorted_output(reference_run[0].run_dir)
     probs = [np.array(t.pop("option_probs")) for t in (resumed, reference)]
     assert resumed == reference  # ids, threads, levels, reject reasons: identical row for row

@@ -41,25 +41,24 @@ def test_min_equal_dims_is_strict_threshold():
     assert min_equal_dims(0.61, 90) == 55  # 54.9 -> 55
 
 
-def test_binary_and_float_indexes_agree_exactly():
+@pytest.mark.parametrize("n_dims", [D, 7])  # an odd D pads the last fast-scan code
+def test_exact_indexes_agree_with_brute_force(n_dims):
     rng = np.random.default_rng(1)
-    base = rng.choice([1, 2, 3], size=(500, D), p=[0.1, 0.8, 0.1]).astype(np.uint8)
+    base = rng.choice([1, 2, 3], size=(500, n_dims), p=[0.1, 0.8, 0.1]).astype(np.uint8)
     queries = base[:40].copy()
-    queries[:, :10] = 1
+    queries[:, :5] = 1
     brute = (queries[:, None, :] == base[None]).sum(-1)
-    answers = {kind: LevelIndex(base, kind).search(queries, 25) for kind in ("support", "binary", "flat_ip")}
+    answers = {kind: LevelIndex(base, kind).search(queries, 25) for kind in ("fastscan", "binary", "flat_ip")}
     for kind, answer in answers.items():
         assert np.array_equal(answer[0], -np.sort(-brute, axis=1)[:, :25]), kind
         assert same_neighbours(answer, answers["flat_ip"]), kind
         assert (np.take_along_axis(brute, answer[1], 1) == answer[0]).all(), kind
-    # support breaks ties at the k-th score by row id
-    scores, ids = answers["support"]
-    for q, (s, i) in enumerate(zip(scores, ids)):
-        expected = np.lexsort((np.arange(len(base)), -brute[q]))[:25]
-        assert i.tolist() == expected.tolist()
+    scores, ids = answers["fastscan"]
     assert not same_neighbours(answers["binary"], (scores - 1, ids))
     with pytest.raises(ValueError, match="unknown index kind"):
         LevelIndex(base, "hnsw")
+    with pytest.raises(ValueError, match="at most 254 dimensions"):
+        LevelIndex(np.ones((2, 255), np.uint8), "fastscan")
 
 
 def test_cluster_thread_small_threads_are_deterministic_groups():
@@ -162,9 +161,14 @@ def test_personas_respect_threshold_thread_and_consistency(corpus):
             assert not item["pair_id"].startswith(pair["thread_id"] + "-")
             assert consistent(np.array(item["direction"]), direction)[0]
         assert persona["ugc_direction"] == vote(np.array([i["direction"] for i in persona["ugc"]])).tolist()
-    for kind in ("flat_ip", "support"):  # every exact index gives the same personas
+    for kind in ("flat_ip", "fastscan"):  # every exact index gives the same personas
         other = persona_rows(pairs, pool_r, pool_p, (pool_r.index(kind), pool_p.index(kind)), config)
         assert other.to_pylist() == out, kind
+    # Fewer candidates than rows: the tie at the cut is dropped, so the indexes still agree.
+    few = PersonaConfig(items=5, candidates=40)
+    cut = [persona_rows(pairs, pool_r, pool_p, (pool_r.index(kind), pool_p.index(kind)), few).to_pylist()
+           for kind in ("flat_ip", "fastscan", "binary")]
+    assert cut[0] == cut[1] == cut[2] and cut[0] != out
 
 
 def joined(corpus, demo=None):
@@ -200,6 +204,13 @@ def test_assemble_splits_are_balanced_disjoint_and_official(corpus):
         r = by_id[e["example_id"]]
         assert example_consistent(np.array(r["direction"]), [np.array(r["ugc_direction"]), np.array(r["pair_direction"])])
     assert schema.to_official(examples).num_rows == examples.num_rows
+    # A cap stops adding dimensions once reached: fewer examples, cells still balanced.
+    capped = select_test(rows, AssembleConfig(test_per_cell=2, test_items=4, test_max=2))
+    dims = sorted({d for d, _ in capped.values()})
+    assert 2 <= len(capped) < len(test) and dims == sorted({d for d, _ in test.values()})[:len(dims)]
+    for d in dims:
+        directions = [v for dim, v in capped.values() if dim == d]
+        assert directions.count(1.0) == directions.count(0.0)
 
 
 def test_inconsistent_demographic_rejects_the_example(corpus):

@@ -1,22 +1,15 @@
 """DPO formats (pinned strings) and training on a real multi-worker Ray Train run with TRL and
-DeepSpeed ZeRO-3 on CPU, including a kill -9 and resume."""
-
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
+DeepSpeed ZeRO-3 on CPU (a kill -9 and resume of training: test_demo_resume.py)."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from alignx_ray import prompts, schema
 from alignx_ray.dpo_data import dpo_example, profile_text, sample_items
 from alignx_ray.space import SPACE
 from alignx_rows import alignx_row, direction
+
 
 def test_item_sampling_is_seeded_and_bounded():
     counts = set()
@@ -93,27 +86,3 @@ def test_zero3_dpo_on_two_ray_train_workers(tmp_path, train_data, tiny_model_dir
     assert fit["n"] == 8 and fit["fit_accuracy"] is not None
     same = fit_accuracy(str(tiny_model_dir), str(tiny_model_dir), examples)
     assert same["fit_accuracy"] == 0.0  # policy == reference: every reward is 0, a tie, never correct
-
-
-def test_killed_training_resumes_from_its_checkpoint(tmp_path, train_data, tiny_model_dir):
-    config = {"ray": {"num_cpus": 4},
-              "train": {**TRAIN, "method": "ica", "model": str(tiny_model_dir), "dataset": str(train_data),
-                        "dpo": {**TRAIN["dpo"], "epochs": 6}}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "alignx_ray.cli", "train", "--config", str(tmp_path / "config.yaml"),
-           "--run-dir", str(run_dir)]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    storage = run_dir / "train_ica" / "ray" / "dpo-ica"
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not list(storage.glob("checkpoint_*")):
-        time.sleep(0.5)
-    time.sleep(2)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads((run_dir / "report.json").read_text())["train_ica"]
-    assert figures["resumed_from_step"] >= 2 and figures["step"] == 12
