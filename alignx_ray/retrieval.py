@@ -55,8 +55,9 @@ class LevelIndex:
         if kind == "fastscan":
             self.index = fastscan_index(levels)
         elif kind == "binary":
-            self.index = faiss.IndexBinaryFlat(packed_codes(levels).shape[1] * 8)
-            self.index.add(packed_codes(levels))
+            codes = packed_codes(levels)
+            self.index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+            self.index.add(codes)
         elif kind == "flat_ip":
             self.index = faiss.IndexFlatIP(self.n_dims * L)
             self.index.add(intensity_embedding(levels))
