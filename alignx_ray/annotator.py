@@ -28,7 +28,7 @@ from alignx_ray.config import Section
 from alignx_ray.engines import EngineConfig, make_engine
 from alignx_ray.space import LEVEL_HIGH, LEVEL_LOW
 from alignx_ray.tiny import TinyModelSpec, build_tiny_model, tokenizer_corpus
-from alignx_ray.tree import branch_logits, pack_tree
+from alignx_ray.tree import branch_logits, pack_forest
 
 # Level -> index of the answer option ('1' high, '2' low, '3' cannot reflect).
 LEVEL_TO_OPTION_INDEX = {LEVEL_HIGH: 0, LEVEL_LOW: 1, 2: 2}
@@ -87,10 +87,10 @@ def training_examples(config: AnnotatorConfig, n_threads: int, seed: int) -> lis
 
 
 def tree(bank: QuestionBank, post: str, comment: str, dims: list[int] | None = None, full_prompt: bool = True):
-    """The packed tree of one response; without `full_prompt`, the prefix is the comment alone."""
+    """The packed tree of one response (a forest of one); without `full_prompt`, the prefix is the comment alone."""
     request = bank.request(post, comment, dims)
     prefix = request.prefix if full_prompt else bank.encode(bank.layout.comment_part(comment))
-    return pack_tree(prefix, request.branches)
+    return pack_forest([(prefix, request.branches)])
 
 
 def label_accuracy(levels_true: np.ndarray, probs: np.ndarray) -> dict:

@@ -1,7 +1,10 @@
 """Scoring engines: (shared prefix, question branches) -> probabilities of the three options.
 
 All engines take token ids, never text, so every engine scores exactly the same tokens:
-- `TransformersTreeEngine`: the packed prefix tree (prefix once + all branches, tree mask).
+- `TransformersTreeEngine`: packed prefix forests: many responses per forward pass, every
+  prefix they share laid out once, the prefix common to all (the few-shot block) computed once
+  per engine and its keys and values reused; a dense tree mask (SDPA) or a block-sparse one
+  (FlexAttention).
 - `TransformersPlainEngine`: one independent prompt per branch; the reference, and the naive
   cost the tree is measured against.
 - `VllmEngine`: vLLM's offline engine with automatic prefix caching: each prefix is warmed by
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from alignx_ray.config import Section
-from alignx_ray.tree import branch_logits, pack_tree
+from alignx_ray.tree import PackedForest, additive_mask, pack_forest, plan_packs, visibility_block_mask, visibility_mask
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,16 @@ class ScoringEngine(Protocol):
 class EngineConfig(Section):
     """Which engine labels, and how it is set up.
 
-    kind: `vllm` (production), `transformers` (packed tree) or `transformers-plain`.
+    kind: `vllm`, `transformers` (packed prefix forests) or `transformers-plain` (90 prompts).
     model: a local path or a model-store URI the cluster can read; None = the demo's annotator.
     dtype: torch dtype name; `auto` takes the model's own.
     device: for the transformers engines (`cuda` when a GPU is assigned, else `cpu`).
-    max_tree_tokens: transformers tree engine packs requests into forward passes of at most
-        this many tokens.
+    pack_tokens: the transformers engine packs responses into forward passes of at most this
+        many tokens (shared prefixes counted once).
+    attention: `sdpa` (a dense mask: fine on CPU and for small packs) or `flex` (FlexAttention
+        with a block mask: unrelated responses' blocks are skipped; the GPU choice).
+    reuse_shared_prefix: compute the prefix every request shares (the few-shot block) once
+        and reuse its keys and values in every pack.
     vllm: extra keyword arguments for `vllm.LLM` (tensor_parallel_size, max_model_len,
         gpu_memory_utilization, max_num_seqs, enforce_eager, ...).
     vllm_env: environment for the engine process (the CPU build needs its KV-cache size).
@@ -60,7 +67,9 @@ class EngineConfig(Section):
     model: str | None = None
     dtype: str = "float32"
     device: str = "auto"
-    max_tree_tokens: int = 16384
+    pack_tokens: int = 4096
+    attention: Literal["sdpa", "flex"] = "sdpa"
+    reuse_shared_prefix: bool = True
     vllm: dict = {
         "enforce_eager": True,
         "distributed_executor_backend": "uni",
@@ -81,48 +90,153 @@ def _option_probs(logits: torch.Tensor, option_ids: list[int]) -> np.ndarray:
     return torch.softmax(logits[:, option_ids].float(), -1).cpu().numpy()
 
 
-class _TransformersEngine:
-    def __init__(self, model_path: str, option_ids: list[int], pad_id: int, dtype: str = "float32",
-                 device: str = "auto", max_tree_tokens: int = 16384):
-        from transformers import AutoModelForCausalLM
+def attention_implementation(attention: str) -> str:
+    """The transformers attention implementation for `EngineConfig.attention`. `flex` is
+    FlexAttention taking the block mask we build, compiled for static shapes (on CPU, inductor
+    fails to recompile it for dynamic ones)."""
+    if attention != "flex":
+        return attention
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers import AttentionInterface
 
-        self.device = _device(device)
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def flex(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out = compiled(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("alignx_flex", flex)
+    return "alignx_flex"
+
+
+def load_causal_lm(model_path: str, config: EngineConfig):
+    from transformers import AutoModelForCausalLM
+
+    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device(config.device))
+
+
+class _TransformersEngine:
+    """Holds a causal LM (loaded by `load_causal_lm`, or built in memory by a benchmark)."""
+
+    attention = "sdpa"
+
+    def __init__(self, model, option_ids: list[int], pad_id: int, config: EngineConfig):
+        self.model = model.eval()
+        self.model.set_attn_implementation(attention_implementation(self.attention))
+        self.device = next(model.parameters()).device
         self.option_ids = option_ids
         self.pad_id = pad_id
-        self.max_tree_tokens = max_tree_tokens
+        self.config = config
 
 
 class TransformersTreeEngine(_TransformersEngine):
     name = "transformers-tree"
 
+    def __init__(self, model, option_ids: list[int], pad_id: int, config: EngineConfig):
+        self.attention = config.attention
+        super().__init__(model, option_ids, pad_id, config)
+        self.shared: list[int] = []  # the cached common prefix and its (key, value) per layer
+        self.shared_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tokens_computed = 0  # tokens run through the model (shared ones once, no padding)
+
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        trees = [pack_tree(r.prefix, r.branches) for r in requests]
-        out, batch, width = [], [], 0
-        for tree in trees + [None]:
-            # Flush when the padded batch would exceed the token budget (or at the end).
-            if batch and (tree is None or max(width, len(tree)) * (len(batch) + 1) > self.max_tree_tokens):
-                out += [_option_probs(lg, self.option_ids) for lg in branch_logits(self.model, batch, self.pad_id)]
-                batch, width = [], 0
-            if tree is not None:
-                batch.append(tree)
-                width = max(width, len(tree))
+        if not requests:
+            return []
+        h = self._reuse_shared_prefix([r.prefix for r in requests]) if self.config.reuse_shared_prefix else 0
+        rest = [(r.prefix[h:], r.branches) for r in requests]
+        out: list[np.ndarray] = [None] * len(requests)
+        for pack in plan_packs(rest, self.config.pack_tokens):
+            forest = pack_forest([rest[i] for i in pack], position_offset=h)
+            self.tokens_computed += len(forest)
+            probs = _option_probs(self._branch_logits(forest, h), self.option_ids)
+            for i, part in zip(pack, np.split(probs, np.cumsum(forest.counts)[:-1])):
+                out[i] = part
         return out
+
+    def _reuse_shared_prefix(self, prefixes: list[list[int]]) -> int:
+        """Length of the cached prefix that every request starts with. The cache only ever
+        shrinks to what all requests so far share (a prefix's keys and values are those of the
+        longer sequence, cut), and is refilled when nothing is shared."""
+        keep = _common_prefix_length([self.shared, *prefixes]) if self.shared else 0
+        if keep:
+            self.shared = self.shared[:keep]
+            self.shared_kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in self.shared_kv]
+            return keep
+        self.shared = prefixes[0][:_common_prefix_length(prefixes)]
+        if self.shared:
+            from transformers import DynamicCache
+
+            h = len(self.shared)
+            cache = DynamicCache()
+            self.tokens_computed += h
+            self._hidden(torch.tensor(self.shared), torch.arange(h), torch.arange(h), torch.full((h,), h), cache)
+            self.shared_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return len(self.shared)
+
+    def _branch_logits(self, forest: PackedForest, h: int) -> torch.Tensor:
+        """(n_branches, vocab) logits at every branch end of one pack after h cached tokens."""
+        from transformers import DynamicCache
+
+        if self.attention == "flex":  # one length for all packs: each new length compiles again
+            forest = forest.padded(max(self.config.pack_tokens, _round_up(len(forest), 128)), self.pad_id)
+        t = len(forest)
+        # Per key: the range of queries that see it; the cached prefix is seen by all.
+        first = torch.cat([torch.zeros(h, dtype=torch.long), torch.arange(t)])
+        end = torch.cat([torch.full((h,), t), forest.subtree_end])
+        cache = DynamicCache(ddp_cache_data=self.shared_kv) if h else None
+        hidden = self._hidden(forest.input_ids, forest.position_ids, first, end, cache)
+        return self.model.lm_head(hidden[forest.last.to(self.device)])
+
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, first: torch.Tensor, end: torch.Tensor,
+                cache) -> torch.Tensor:
+        """(T, hidden) last hidden states of one sequence whose key k is seen by the queries
+        first[k] <= q < end[k] (keys: the cache's, then the sequence's own)."""
+        t, first, end = len(ids), first.to(self.device), end.to(self.device)
+        if self.attention == "flex":
+            mask = visibility_block_mask(first, end, t)
+        else:
+            mask = additive_mask(visibility_mask(first, end, t), self.model.dtype)[None, None]
+        return self.model.model(input_ids=ids[None].to(self.device), position_ids=positions[None].to(self.device),
+                                attention_mask=mask, past_key_values=cache).last_hidden_state[0]
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    n = min(map(len, sequences))
+    first = sequences[0]
+    for s in sequences[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class TransformersPlainEngine(_TransformersEngine):
+    """Every branch its own prompt `prefix + branch`; prompts batched up to `pack_tokens`
+    (right-padded: causal attention never lets a real token see the padding after it)."""
+
     name = "transformers-plain"
 
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
         out = []
         for r in requests:
-            logits = [self.model(input_ids=torch.tensor([r.prefix + b], device=self.device)).logits[0, -1]
-                      for b in r.branches]
-            out.append(_option_probs(torch.stack(logits), self.option_ids))
+            prompts = [r.prefix + b for b in r.branches]
+            per_pass = max(1, self.config.pack_tokens // max(map(len, prompts)))
+            logits = [self._last_logits(prompts[i:i + per_pass]) for i in range(0, len(prompts), per_pass)]
+            out.append(_option_probs(torch.cat(logits), self.option_ids))
         return out
+
+    def _last_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in prompts], device=self.device)
+        real = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
+        hidden = self.model.model(input_ids=ids, attention_mask=real).last_hidden_state
+        ends = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self.model.lm_head(hidden[torch.arange(len(prompts), device=self.device), ends])
 
 
 def load_vllm(model_path: str, dtype: str, engine_kwargs: dict | None, env: dict[str, str] | None, **defaults):
@@ -192,16 +306,6 @@ class VllmEngine:
             self.cached_tokens.append(None if None in cached else sum(cached))
         return result
 
-    def prefix_cache_hit_rate(self) -> float | None:
-        """Share of prompt tokens served from the prefix cache, when the engine reports it."""
-        try:
-            metrics = {m.name: m for m in self.llm.get_metrics()}
-            hits = metrics["vllm:prefix_cache_hits"].value
-            queries = metrics["vllm:prefix_cache_queries"].value
-            return hits / queries if queries else None
-        except Exception:  # metrics are optional and vary across vLLM versions
-            return None
-
 
 def make_engine(config: EngineConfig, model_path: str, tokenizer) -> ScoringEngine:
     from alignx_ray.prompts import option_token_ids
@@ -210,4 +314,4 @@ def make_engine(config: EngineConfig, model_path: str, tokenizer) -> ScoringEngi
     if config.kind == "vllm":
         return VllmEngine(model_path, option_ids, config.dtype, config.vllm, config.vllm_env, config.prefix_caching)
     cls = TransformersTreeEngine if config.kind == "transformers" else TransformersPlainEngine
-    return cls(model_path, option_ids, tokenizer.pad_token_id, config.dtype, config.device, config.max_tree_tokens)
+    return cls(load_causal_lm(model_path, config), option_ids, tokenizer.pad_token_id, config)

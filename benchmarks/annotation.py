@@ -58,9 +58,14 @@ def main() -> None:
     posts, comments = [e[0] for e in examples], [e[1] for e in examples]
     unique_tokens = sum(bank.request(p, c).unique_tokens() for p, c, _ in examples)
 
-    def run_engine(engine, n=len(examples)):
+    def run_engine(engine, n=len(examples)) -> float | None:
+        """Score the first n responses; the share of prompt tokens a prefix cache served."""
+        cached = prompted = 0
         for i in range(0, n, args.batch):
-            label_batch(engine, bank, posts[i:min(i + args.batch, n)], comments[i:min(i + args.batch, n)])
+            out = label_batch(engine, bank, posts[i:min(i + args.batch, n)], comments[i:min(i + args.batch, n)])
+            cached += sum(c or 0 for c in out["cached_tokens"])
+            prompted += sum(out["prompt_tokens"])
+        return cached / prompted if None not in out["cached_tokens"] else None
 
     figures = {"device": "cpu", "responses": len(examples), "D": len(bank.questions),
                "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c, _ in examples) / len(examples), 1),
@@ -70,10 +75,10 @@ def main() -> None:
     for name, sharing in (("vllm_prefix_sharing", True), ("vllm_no_prefix_sharing", False)):
         engine = make_engine(EngineConfig(kind="vllm", prefix_caching=sharing), model, tokenizer)
         run_engine(engine, 1)  # warm-up: the first call compiles and allocates
-        _, t = timed(lambda: run_engine(engine, n_vllm))
+        hit_rate, t = timed(lambda: run_engine(engine, n_vllm))
         figures[f"{name}_s_per_response"] = t / n_vllm
         if sharing:
-            figures["vllm_prefix_cache_hit_rate"] = engine.prefix_cache_hit_rate()
+            figures["vllm_prefix_cache_hit_rate"] = hit_rate
         del engine
 
     tree = make_engine(EngineConfig(kind="transformers"), model, tokenizer)

@@ -6,12 +6,17 @@ import pytest
 from alignx_ray import prompts
 from alignx_ray.annotate import QuestionBank, label_batch
 from alignx_ray.engines import EngineConfig, ScoreRequest, make_engine
-from alignx_ray.tree import pack_tree
+import torch
 
+from alignx_ray.tree import pack_forest, plan_packs, visibility_block_mask, visibility_mask
+
+# Two threads; the first has two responses, so packs share its post.
 POSTS = ["We are moving to a smaller flat next month. Any packing tips?",
-         "Thinking of learning to paint this winter."]
+         "Thinking of learning to paint this winter.",
+         "We are moving to a smaller flat next month. Any packing tips?"]
 COMMENTS = ["Label every box and keep a spreadsheet, it saved my sanity.",
-            "I adore painting, start with cheap brushes and have fun!"]
+            "I adore painting, start with cheap brushes and have fun!",
+            "honestly just throw half of it away lol"]
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +42,80 @@ def test_prompt_segments_concatenate_to_the_full_prompt(tiny_tokenizer, bank):
     assert "Comments alone cannot reflect" in question and full.endswith("<|im_start|>assistant\n")
 
 
-def test_tree_mask_and_positions():
-    tree = pack_tree([1, 2, 3], [[4, 5], [6]])
+def test_one_request_lays_out_prefix_then_branches():
+    tree = pack_forest([([1, 2, 3], [[4, 5], [6]])])
     assert tree.input_ids.tolist() == [1, 2, 3, 4, 5, 6]
     assert tree.position_ids.tolist() == [0, 1, 2, 3, 4, 3]
     assert tree.last.tolist() == [4, 5]
-    assert tree.allowed[5].tolist() == [True, True, True, False, False, True]  # branch 2 never sees branch 1
-    assert tree.allowed[4].tolist() == [True, True, True, True, True, False]
+    assert tree.allowed()[5].tolist() == [True, True, True, False, False, True]  # branch 2 never sees branch 1
+    assert tree.allowed()[4].tolist() == [True, True, True, True, True, False]
 
 
-def test_transformers_tree_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain):
-    engine = make_engine(EngineConfig(kind="transformers", max_tree_tokens=3000), str(tiny_model_dir), tiny_tokenizer)
-    tree = label_batch(engine, bank, POSTS, COMMENTS)
-    for a, b in zip(tree["option_probs"], plain["option_probs"]):
+def test_forest_lays_out_shared_prefixes_once():
+    # Requests 0 and 2 share their whole prefix; request 1 shares [1, 2] with them.
+    forest = pack_forest([([1, 2, 3, 7], [[4, 5], [6]]), ([1, 2, 9], [[4]]), ([1, 2, 3, 7], [[8]])],
+                         position_offset=10)
+    assert forest.input_ids.tolist() == [1, 2, 3, 7, 4, 5, 6, 8, 9, 4]
+    assert forest.position_ids.tolist() == [10, 11, 12, 13, 14, 15, 14, 14, 12, 13]
+    assert forest.counts == [2, 1, 1]
+    assert forest.last.tolist() == [5, 6, 9, 7]  # branches in request order
+    allowed = forest.allowed()
+    seen = [allowed[forest.last[i]].nonzero().flatten().tolist() for i in range(4)]
+    assert seen == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 6], [0, 1, 8, 9], [0, 1, 2, 3, 7]]
+    padded = forest.padded(13, pad_id=0)
+    assert len(padded) == 13 and padded.allowed()[12].nonzero().flatten().tolist() == [12]
+    assert not padded.allowed()[:10, 10:].any()  # nothing real sees padding
+
+
+def test_packs_count_shared_prefixes_once():
+    requests = [([1, 2, 3, 7], [[4, 5], [6]]), ([1, 2, 9], [[4]]), ([1, 2, 3, 7], [[8]])]
+    assert plan_packs(requests, 10) == [[0, 1, 2]]  # 4 + 3, + 1 + 1, + 0 + 1 = 10 tokens
+    assert plan_packs(requests, 8) == [[0], [1, 2]]
+    assert plan_packs(requests, 1) == [[0], [1], [2]]  # too large requests still get a pack
+
+
+def test_block_mask_skips_only_blocks_nothing_sees():
+    """The block mask, expanded (skipped blocks: none; full: all; partial: per token), is the
+    dense mask exactly, for a pack after a cached prefix, with sizes off the block grid."""
+    rng = np.random.default_rng(0)
+    requests = []
+    for _ in range(3):
+        post = rng.integers(5, 99, 37).tolist()
+        requests += [(post + rng.integers(5, 99, 51).tolist(),
+                      [rng.integers(5, 99, int(rng.integers(3, 60))).tolist() for _ in range(18)]) for _ in range(2)]
+    h, block = 283, 128
+    forest = pack_forest(requests, position_offset=h).padded(4500, pad_id=0)
+    t = len(forest)
+    first = torch.cat([torch.zeros(h, dtype=torch.long), torch.arange(t)])
+    end = torch.cat([torch.full((h,), t), forest.subtree_end])
+    dense = visibility_mask(first, end, t)
+    mask = visibility_block_mask(first, end, t, block)
+    expanded = torch.zeros_like(dense)
+    for i in range(mask.kv_num_blocks.shape[-1]):
+        rows = slice(i * block, (i + 1) * block)
+        for j in mask.kv_indices[0, 0, i, :mask.kv_num_blocks[0, 0, i]].tolist():
+            expanded[rows, j * block:(j + 1) * block] = dense[rows, j * block:(j + 1) * block]
+        for j in mask.full_kv_indices[0, 0, i, :mask.full_kv_num_blocks[0, 0, i]].tolist():
+            expanded[rows, j * block:(j + 1) * block] = True
+    assert torch.equal(expanded, dense)
+    visited = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
+    assert visited < 0.25 * mask.kv_indices.shape[-2] * mask.kv_indices.shape[-1]  # most blocks skipped
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_transformers_forest_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain, attention):
+    config = EngineConfig(kind="transformers", attention=attention, pack_tokens=6000)  # two responses a pack
+    engine = make_engine(config, str(tiny_model_dir), tiny_tokenizer)
+    first = label_batch(engine, bank, POSTS[:1], COMMENTS[:1])  # caches this whole prefix
+    assert engine.shared == bank.prefix(POSTS[0], COMMENTS[0])
+    rest = label_batch(engine, bank, POSTS[1:], COMMENTS[1:])  # the cache shrinks to the few-shot block
+    assert engine.shared == bank.head
+    probs = first["option_probs"] + rest["option_probs"]
+    levels = first["levels"] + rest["levels"]
+    for a, b in zip(probs, plain["option_probs"], strict=True):
         assert a.shape == (90, 3)
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert all(np.array_equal(a, b) for a, b in zip(tree["levels"], plain["levels"]))
+    assert all(np.array_equal(a, b) for a, b in zip(levels, plain["levels"], strict=True))
 
 
 def test_vllm_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain):
