@@ -124,6 +124,12 @@ class Run:
             self._model_path = model or str(build_annotator(annotator))
         return self._model_path
 
+    def p_tilde_inputs(self) -> tuple:
+        """What P~ inferred during evaluation depends on (the annotator is resolved only when
+        something must be inferred, so its config stands in for its path)."""
+        return self.config.annotate.engine.model, self.config.annotator, self.config.threads.planted_dimensions, \
+            self.config.space
+
     def threads(self) -> dict:
         cfg = self.config.threads
         return self.stage("threads", fingerprint(cfg),
@@ -246,7 +252,7 @@ class Run:
         trained, reference = self.train(method), self.policy_model()
         cfg = self.config.evaluate
         stage = f"evaluate_{method}_{name}"
-        key = fingerprint(cfg, self.config.prompts, trained["fingerprint"], benchmark,
+        key = fingerprint(cfg, self.config.prompts, self.p_tilde_inputs(), trained["fingerprint"], benchmark,
                           upstream or Path(benchmark).stat().st_mtime)
 
         def compute() -> dict:
@@ -265,8 +271,8 @@ class Run:
         ica, pba = self.train("ica"), self.train("pba")
         cfg, judge_model = self.config.judge, self.config.judge.engine.model or self.policy_model()
         stage = f"judge_{name}"
-        key = fingerprint(cfg, self.config.evaluate, self.config.prompts, ica["fingerprint"], pba["fingerprint"],
-                          judge_model, benchmark, upstream or Path(benchmark).stat().st_mtime)
+        key = fingerprint(cfg, self.config.evaluate, self.config.prompts, self.p_tilde_inputs(), ica["fingerprint"],
+                          pba["fingerprint"], judge_model, benchmark, upstream or Path(benchmark).stat().st_mtime)
 
         def compute() -> dict:
             init_ray(self.config.ray)
