@@ -14,6 +14,7 @@ All engines take token ids, never text, so every engine scores exactly the same 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -90,10 +91,11 @@ def _option_probs(logits: torch.Tensor, option_ids: list[int]) -> np.ndarray:
     return torch.softmax(logits[:, option_ids].float(), -1).cpu().numpy()
 
 
+@functools.cache
 def attention_implementation(attention: str) -> str:
     """The transformers attention implementation for `EngineConfig.attention`. `flex` is
-    FlexAttention taking the block mask we build, compiled for static shapes (on CPU, inductor
-    fails to recompile it for dynamic ones)."""
+    FlexAttention taking the block mask we build, compiled once per process for static shapes
+    (on CPU, inductor fails to recompile it for dynamic ones)."""
     if attention != "flex":
         return attention
     from torch.nn.attention.flex_attention import flex_attention
@@ -119,11 +121,10 @@ def load_causal_lm(model_path: str, config: EngineConfig):
 class _TransformersEngine:
     """Holds a causal LM (loaded by `load_causal_lm`, or built in memory by a benchmark)."""
 
-    attention = "sdpa"
-
-    def __init__(self, model, option_ids: list[int], pad_id: int, config: EngineConfig):
+    def __init__(self, model, option_ids: list[int], pad_id: int, config: EngineConfig, attention: str = "sdpa"):
         self.model = model.eval()
-        self.model.set_attn_implementation(attention_implementation(self.attention))
+        self.attention = attention
+        self.model.set_attn_implementation(attention_implementation(attention))
         self.device = next(model.parameters()).device
         self.option_ids = option_ids
         self.pad_id = pad_id
@@ -134,8 +135,7 @@ class TransformersTreeEngine(_TransformersEngine):
     name = "transformers-tree"
 
     def __init__(self, model, option_ids: list[int], pad_id: int, config: EngineConfig):
-        self.attention = config.attention
-        super().__init__(model, option_ids, pad_id, config)
+        super().__init__(model, option_ids, pad_id, config, config.attention)
         self.shared: list[int] = []  # the cached common prefix and its (key, value) per layer
         self.shared_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tokens_computed = 0  # tokens run through the model (shared ones once, no padding)
