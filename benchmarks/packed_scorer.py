@@ -6,7 +6,10 @@ its own comment (150 tokens), so P = 700 prefix tokens; then D = 90 questions of
 Measured on the same responses, in one process:
   - naive: every question its own prompt (`transformers-plain`, prompts batched);
   - forest + SDPA: many responses per pass, shared prefixes once, a dense tree mask;
-  - forest + flex: the same forests with a FlexAttention block mask.
+  - forest + flex: the same forests with a FlexAttention block mask;
+  - with --vllm, vLLM last (prefix caching, each response's 90 prompts submitted together), on
+    a model of the same shape with vLLM's own random weights (`load_format: dummy`; the
+    transformers model is freed first), so its time is comparable and its choices are not.
 Each reports s/response, tokens/s (tokens actually computed, shared ones once) and model FLOP
 utilisation (2 x non-embedding parameters x those tokens / s / --peak-tflops), and the share of
 the naive path's argmax choices it reproduces. Nothing is downloaded: the model is a config
@@ -68,6 +71,28 @@ def timed(engine, requests, device: str):
     return out, time.perf_counter() - started
 
 
+def time_vllm(args, config, requests, cuda: bool) -> float:
+    import gc
+    import tempfile
+
+    from alignx_ray.config import load_config
+    from alignx_ray.engines import EngineConfig, VllmEngine
+    from alignx_ray.pipeline import RunConfig
+
+    gc.collect()
+    torch.cuda.empty_cache() if cuda else None
+    engine_config = (load_config(RunConfig, Path(__file__).parents[1] / "configs" / "annotate-qwen14b.yaml").annotate.engine
+                     if cuda else EngineConfig())
+    model_dir = tempfile.mkdtemp(prefix="alignx-vllm-shape-")
+    config.architectures = ["Qwen2ForCausalLM"]
+    config.save_pretrained(model_dir)  # the shape only: vLLM draws the weights
+    engine = VllmEngine(model_dir, OPTION_IDS, args.dtype, {**engine_config.vllm, "load_format": "dummy",
+                        "skip_tokenizer_init": True}, engine_config.vllm_env, prefix_caching=True)
+    timed(engine, requests[:args.per_thread], "cuda" if cuda else "cpu")  # warm-up
+    _, t = timed(engine, requests, "cuda" if cuda else "cpu")
+    return t / len(requests)
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,6 +111,8 @@ def main() -> None:
     parser.add_argument("--attention", nargs="+", default=["sdpa", "flex"], choices=["sdpa", "flex"])
     parser.add_argument("--peak-tflops", type=float, default=989.0 if cuda else None,
                         help="the device's dense peak for --dtype (H100 SXM bf16: 989)")
+    parser.add_argument("--vllm", action="store_true", help="also time vLLM (engine settings from "
+                        "configs/annotate-qwen14b.yaml on a GPU, the CPU defaults otherwise)")
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/packed-scorer-<device>.json)")
     args = parser.parse_args()
 
@@ -132,6 +159,9 @@ def main() -> None:
         figures[f"{key}_argmax_agreement"] = float(choices.mean())
         figures[f"{key}_max_prob_difference"] = float(max(np.abs(a - b).max() for a, b in zip(out, naive)))
         del engine
+    if args.vllm:
+        del naive_engine, model
+        figures["vllm_s_per_response"] = time_vllm(args, config, requests, cuda)
 
     best = min(args.attention, key=lambda a: figures[f"forest_{a}_s_per_response"])
     figures["attention"] = best
