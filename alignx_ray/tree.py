@@ -128,10 +128,11 @@ def plan_packs(requests: list[tuple[list[int], list[list[int]]]], max_tokens: in
     packs: list[list[int]] = []
     root, size = None, 0
     for i, (prefix, branches) in enumerate(requests):
-        cost = sum(map(len, branches)) + (root.insert(list(prefix))[1] if root else 0)
-        if root is None or size + cost > max_tokens:
+        branch_tokens = sum(map(len, branches))
+        cost = branch_tokens + (root.insert(list(prefix))[1] if root else 0)
+        if root is None or size + cost > max_tokens:  # start a new pack with this request
             root, size = _Node([]), 0
-            cost = sum(map(len, branches)) + root.insert(list(prefix))[1]
+            cost = branch_tokens + root.insert(list(prefix))[1]
             packs.append([])
         packs[-1].append(i)
         size += cost

@@ -80,7 +80,8 @@ def time_vllm(args, config, requests, cuda: bool) -> float:
     from alignx_ray.pipeline import RunConfig
 
     gc.collect()
-    torch.cuda.empty_cache() if cuda else None
+    if cuda:
+        torch.cuda.empty_cache()
     engine_config = (load_config(RunConfig, Path(__file__).parents[1] / "configs" / "annotate-qwen14b.yaml").annotate.engine
                      if cuda else EngineConfig())
     model_dir = tempfile.mkdtemp(prefix="alignx-vllm-shape-")
