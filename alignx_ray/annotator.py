@@ -45,23 +45,27 @@ class AnnotatorConfig(Section):
         response is asked hard_negatives "cannot reflect" questions on dimensions it could
         have carried but does not (so the model must find the cue, not learn which questions
         are ever answered) and other_questions on dimensions never planted.
-    Curriculum: comment_steps on prompts cut to the comment and the question at a constant
-        lr (short sequences: the model finds the cue words fast; the search for them ends
-        abruptly after a few hundred steps, so the rate must not decay before), then
-        prompt_steps on the full prompt it will serve at prompt_lr with cosine decay.
+    Curriculum: first prompts cut to the comment and the question, at a constant lr (short
+        sequences: the model finds the cue words fast). The search for them ends abruptly
+        after a few hundred steps, at a step that varies with the seed, so this phase runs
+        until the mean loss of the last `loss_window` steps is below comment_target_loss
+        (at most comment_steps). Then prompt_steps on the full prompt it will serve, at
+        prompt_lr with cosine decay: the cues are found, only the longer context is new.
     batch_size: responses per step. cache_dir: one folder per configuration.
     """
 
     seed: int = 0
-    version: int = 3  # bump when the training code changes: it is part of the cache key
+    version: int = 4  # bump when the training code changes: it is part of the cache key
     model: TinyModelSpec = TinyModelSpec()
     planted_dimensions: tuple[int, ...] | None = synthetic.DEMO_PLANTED_DIMENSIONS
     train_threads: int = 400
-    eval_threads: int = 30
+    eval_threads: int = 24
     hard_negatives: int = 3
     other_questions: int = 2
     comment_steps: int = 750
-    prompt_steps: int = 200
+    comment_target_loss: float = 0.22
+    loss_window: int = 25
+    prompt_steps: int = 60
     batch_size: int = 16
     lr: float = 3e-3
     prompt_lr: float = 1e-3
@@ -87,10 +91,13 @@ def training_examples(config: AnnotatorConfig, n_threads: int, seed: int) -> lis
 
 
 def tree(bank: QuestionBank, post: str, comment: str, dims: list[int] | None = None, full_prompt: bool = True):
-    """The packed tree of one response (a forest of one); without `full_prompt`, the prefix is the comment alone."""
+    """The packed tree of one response (a forest of one) as training runs it: after the
+    prompt head (which `train` runs once per step), or without `full_prompt` the comment alone."""
     request = bank.request(post, comment, dims)
-    prefix = request.prefix if full_prompt else bank.encode(bank.layout.comment_part(comment))
-    return pack_forest([(prefix, request.branches)])
+    if not full_prompt:
+        return pack_forest([(bank.encode(bank.layout.comment_part(comment)), request.branches)])
+    h = len(bank.head)
+    return pack_forest([(request.prefix[h:], request.branches)], position_offset=h)
 
 
 def label_accuracy(levels_true: np.ndarray, probs: np.ndarray) -> dict:
@@ -115,8 +122,10 @@ def _lr_at(step: int, steps: int, peak: float, warmup: int, decay: bool) -> floa
     return peak * 0.5 * (1 + math.cos(math.pi * progress)) if decay else peak
 
 
-def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: int, full_prompt: bool) -> list[float]:
-    """Fine-tune on planted answers: each response's planted questions plus "cannot reflect" ones."""
+def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: int, full_prompt: bool,
+          target_loss: float | None = None) -> list[float]:
+    """Fine-tune on planted answers: each response's planted questions plus "cannot reflect" ones.
+    With `target_loss`, stop early once the mean loss of the last `loss_window` steps is below it."""
     rng = np.random.default_rng(config.seed + int(full_prompt))
     option_ids = prompts.option_token_ids(bank.tokenizer)
     peak = config.prompt_lr if full_prompt else config.lr
@@ -134,7 +143,8 @@ def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: i
     losses = []
     model.train()
     desc = f"tiny annotator ({'full prompts' if full_prompt else 'comment + question'})"
-    for step in tqdm(range(steps), desc=desc, unit="step"):
+    progress = tqdm(range(steps), desc=desc, unit="step")
+    for step in progress:
         batch = [examples[i] for i in rng.choice(len(examples), config.batch_size, replace=False)]
         trees, targets = [], []
         for post, comment, levels in batch:
@@ -142,7 +152,8 @@ def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: i
             trees.append(tree(bank, post, comment, dims, full_prompt))
             targets += [LEVEL_TO_OPTION_INDEX[int(levels[d])] for d in dims]
         # Over the three option tokens only: every engine reads them renormalised.
-        logits = torch.cat(branch_logits(model, trees, bank.tokenizer.pad_token_id))[:, option_ids]
+        shared = bank.head if full_prompt else None
+        logits = torch.cat(branch_logits(model, trees, bank.tokenizer.pad_token_id, shared))[:, option_ids]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, peak, config.warmup_steps, decay=full_prompt)
@@ -151,6 +162,11 @@ def train(model, bank: QuestionBank, examples, config: AnnotatorConfig, steps: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        recent = float(np.mean(losses[-config.loss_window:]))
+        progress.set_postfix(loss=f"{recent:.3f}", refresh=False)
+        if target_loss is not None and len(losses) >= config.loss_window and recent < target_loss:
+            break
+    progress.close()
     model.eval()
     return losses
 
@@ -171,8 +187,9 @@ def build_annotator(config: AnnotatorConfig = AnnotatorConfig()) -> Path:
     torch.manual_seed(config.seed)
     bank = QuestionBank(tokenizer, prompts.PromptTemplates())
     train_set = training_examples(config, config.train_threads, TRAIN_SEED_OFFSET + config.seed)
-    losses = train(model, bank, train_set, config, config.comment_steps, full_prompt=False)
-    losses += train(model, bank, train_set, config, config.prompt_steps, full_prompt=True)
+    comment_losses = train(model, bank, train_set, config, config.comment_steps, full_prompt=False,
+                           target_loss=config.comment_target_loss)
+    losses = comment_losses + train(model, bank, train_set, config, config.prompt_steps, full_prompt=True)
     model.save_pretrained(tmp)
     eval_set = training_examples(config, config.eval_threads, EVAL_SEED_OFFSET + config.seed)
     engine = make_engine(EngineConfig(kind="transformers"), str(tmp), tokenizer)
@@ -181,7 +198,8 @@ def build_annotator(config: AnnotatorConfig = AnnotatorConfig()) -> Path:
         **label_accuracy(np.stack([lv for _, _, lv in eval_set]), np.stack(labelled["option_probs"])),
         "eval_responses": len(eval_set),
         "train_responses": len(train_set),
-        "final_loss": float(np.mean(losses[-20:])),
+        "comment_steps_run": len(comment_losses),
+        "final_loss": float(np.mean(losses[-config.loss_window:])),
         "seconds": round(time.time() - started, 1),
         "config": config.model_dump(),
         "spec": asdict(config.spec()),

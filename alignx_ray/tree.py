@@ -197,11 +197,29 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def branch_logits(model, forests: list[PackedForest], pad_id: int) -> list[torch.Tensor]:
+def branch_logits(model, forests: list[PackedForest], pad_id: int, shared: list[int] | None = None) -> list[torch.Tensor]:
     """Next-token logits at the end of every branch, one (n_branches, vocab) tensor per forest
-    (a dense-mask batch: what training uses)."""
+    (a dense-mask batch: what training uses).
+
+    `shared`: tokens every forest starts with (the forests are laid out after them, with
+    `position_offset=len(shared)`). They run once, without gradient, and every forest attends
+    to their keys and values: training then pays for the tokens that differ, and learns to read
+    past the shared prefix rather than to change it.
+    """
+    from transformers import DynamicCache
+
     param = next(model.parameters())
     batch = {k: v.to(param.device) for k, v in collate(forests, pad_id).items()}
+    cache = None
+    if shared:
+        cache = DynamicCache()
+        with torch.no_grad():
+            model.model(input_ids=torch.tensor([shared], device=param.device), past_key_values=cache)
+        b = len(forests)
+        cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
+                                             for layer in cache.layers])
+        seen = torch.ones((*batch["attention_mask"].shape[:-1], len(shared)), dtype=torch.bool, device=param.device)
+        batch["attention_mask"] = torch.cat([seen, batch["attention_mask"]], dim=-1)
     batch["attention_mask"] = additive_mask(batch["attention_mask"], param.dtype)
-    hidden = model.model(**batch).last_hidden_state
+    hidden = model.model(**batch, past_key_values=cache).last_hidden_state
     return [model.lm_head(hidden[i, f.last.to(param.device)]) for i, f in enumerate(forests)]

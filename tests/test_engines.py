@@ -8,7 +8,7 @@ from alignx_ray.annotate import QuestionBank, label_batch
 from alignx_ray.engines import EngineConfig, ScoreRequest, make_engine
 import torch
 
-from alignx_ray.tree import pack_forest, plan_packs, visibility_block_mask, visibility_mask
+from alignx_ray.tree import branch_logits, pack_forest, plan_packs, visibility_block_mask, visibility_mask
 
 # Two threads; the first has two responses, so packs share its post.
 POSTS = ["We are moving to a smaller flat next month. Any packing tips?",
@@ -116,6 +116,23 @@ def test_transformers_forest_equals_plain_prompts(tiny_model_dir, tiny_tokenizer
         assert a.shape == (90, 3)
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert all(np.array_equal(a, b) for a, b in zip(levels, plain["levels"], strict=True))
+
+
+def test_training_batch_after_a_shared_prefix_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain):
+    """What the annotator trains on: a padded batch of forests after the few-shot block, which
+    runs once; forests of different lengths, so padding is exercised too."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    h = len(bank.head)
+    dims = [[0, 5, 89], list(range(90)), [7]]
+    forests = [pack_forest([(bank.prefix(p, c)[h:], [bank.questions[d] for d in ds])], position_offset=h)
+               for p, c, ds in zip(POSTS, COMMENTS, dims)]
+    option_ids = prompts.option_token_ids(tiny_tokenizer)
+    with torch.no_grad():
+        logits = branch_logits(model, forests, tiny_tokenizer.pad_token_id, shared=bank.head)
+    for got, ds, want in zip(logits, dims, plain["option_probs"], strict=True):
+        np.testing.assert_allclose(torch.softmax(got[:, option_ids], -1).numpy(), want[ds], atol=1e-5)
 
 
 def test_vllm_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain):
