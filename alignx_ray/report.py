@@ -34,11 +34,11 @@ class RunReport:
     def markdown(self) -> str:
         lines = [f"# {self.title}", "", f"Run directory: `{self.run_dir}`", ""]
         for stage, figures in self.stages.items():
-            lines += [f"## {stage}", "", "| figure | value |", "|---|---|"]
-            lines += [f"| {key} | {_cell(value)} |" for key, value in _flatten(figures) if key != "markdown"]
-            lines += [f"![{stage}]({image})" for image in self.images.get(stage, [])]
-            lines += ["", figures["markdown"]] if isinstance(figures.get("markdown"), str) else []
-            lines.append("")
+            rows = [f"| {key} | {_cell(value)} |" for key, value in _flatten(figures) if key != "markdown"]
+            blocks = ["\n".join(["| figure | value |", "|---|---|", *rows])] if rows else []
+            blocks += [f"![{stage}]({image})" for image in self.images.get(stage, [])]
+            blocks += [figures["markdown"]] if isinstance(figures.get("markdown"), str) else []
+            lines += [f"## {stage}", "", "\n\n".join(blocks), ""]
         return "\n".join(lines)
 
 
