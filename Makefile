@@ -10,7 +10,7 @@ EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint clean
 
 install: $(STAMP)
 
@@ -32,8 +32,12 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/alignx demo --config configs/demo.yaml --run-dir $(RUN_DIR)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs .pytest_cache

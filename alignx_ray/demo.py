@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from alignx_ray.annotator import label_accuracy
-from alignx_ray.evaluate import percent
-from alignx_ray.pipeline import Run, RunConfig
+from alignx_ray.common.space import NEUTRAL, compare_levels, level_to_direction
+from alignx_ray.evaluate.accuracy import percent
+from alignx_ray.fixtures.tiny_annotator import label_accuracy
 from alignx_ray.report import RunReport
-from alignx_ray.space import NEUTRAL, compare_levels, level_to_direction
+from alignx_ray.run import Run, RunConfig
 
 
 def annotation_vs_truth(run: Run) -> dict:
@@ -63,8 +63,9 @@ def dataset_vs_truth(run: Run) -> dict:
             check("ugc_item", item["direction"], level_to_direction(levels[item["response_id"]]))
         for item in p["pair_feedback"]:
             check("pair_item", item["direction"], planted[item["pair_id"]])
-    return {f"{kind}_agreement_on_{side}": round(hit / n, 4) if n else None for (kind, side), (hit, n) in counts.items()} | {
-        f"{kind}_dimensions_{side}": n for (kind, side), (_, n) in counts.items()}
+    return {
+        f"{kind}_agreement_on_{side}": round(hit / n, 4) if n else None for (kind, side), (hit, n) in counts.items()
+    } | {f"{kind}_dimensions_{side}": n for (kind, side), (_, n) in counts.items()}
 
 
 def demo_benchmarks(run: Run) -> dict[str, tuple[str, str | None]]:
@@ -81,21 +82,28 @@ def demo_benchmarks(run: Run) -> dict[str, tuple[str, str | None]]:
 
 def evaluate_all(run: Run) -> None:
     """Both trained methods on every demo benchmark, the judge on AlignX_test, one table."""
-    rows = ["| method | benchmark | persona | accuracy (%) | n | reversed accuracy (%) | flip rate (%) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | benchmark | persona | accuracy (%) | n | reversed accuracy (%) | flip rate (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, (path, upstream) in demo_benchmarks(run).items():
         for method in ("ica", "pba"):
             figures = run.evaluate(method, path, name, upstream)
             for persona, group in figures["persona"].items():
                 rev = figures["reversal"].get(persona, {})
-                rows.append(f"| {method.upper()} | {name} | {persona} | {percent(group['accuracy'])} | {group['n']} | "
-                            f"{percent(rev.get('accuracy'))} | {percent(rev.get('flip_rate'))} |")
+                rows.append(
+                    f"| {method.upper()} | {name} | {persona} | {percent(group['accuracy'])} | {group['n']} | "
+                    f"{percent(rev.get('accuracy'))} | {percent(rev.get('flip_rate'))} |"
+                )
     name, (path, upstream) = "alignx_test", demo_benchmarks(run)["alignx_test"]
     judged = run.judge(path, name, upstream)
     wins, choice = judged["ica_vs_pba"], judged["ica_binary_choice"]
-    rows += ["", f"Judge ({wins['judge']}) on {name}: ICA against PBA win {wins['win']}, lose {wins['lose']}, "
-                 f"tie {wins['tie']}, unusable {wins['invalid']}; win rate {percent(wins['win_rate'])} %. "
-                 f"ICA's binary-choice accuracy: {percent(choice['accuracy'])} % of {choice['n']}."]
+    rows += [
+        "",
+        f"Judge ({wins['judge']}) on {name}: ICA against PBA win {wins['win']}, lose {wins['lose']}, "
+        f"tie {wins['tie']}, unusable {wins['invalid']}; win rate {percent(wins['win_rate'])} %. "
+        f"ICA's binary-choice accuracy: {percent(choice['accuracy'])} % of {choice['n']}.",
+    ]
     run.report.add("evaluation", {"markdown": "\n".join(rows)})
 
 
@@ -103,12 +111,15 @@ def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
     started = time.time()
     run = Run(config, run_dir, RunReport(run_dir, "alignx-ray demo"))
     annotator = json.loads((Path(run.annotation_model()) / "annotator_report.json").read_text())
-    run.report.add("annotator", {
-        "path": run.annotation_model(),
-        "label_accuracy_unseen_threads": annotator["accuracy"],
-        "planted_label_accuracy_unseen_threads": annotator["planted_accuracy"],
-        "build_seconds": annotator["seconds"],
-    })
+    run.report.add(
+        "annotator",
+        {
+            "path": run.annotation_model(),
+            "label_accuracy_unseen_threads": annotator["accuracy"],
+            "planted_label_accuracy_unseen_threads": annotator["planted_accuracy"],
+            "build_seconds": annotator["seconds"],
+        },
+    )
     run.annotate()
     run.report.add("annotate_vs_planted", annotation_vs_truth(run))
     run.dataset()

@@ -16,14 +16,11 @@ class RunReport:
         self.title = title
         self.json_path = self.run_dir / "report.json"
         self.stages: dict[str, dict] = json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
-        self.images: dict[str, list[str]] = {}
 
-    def add(self, stage: str, figures: dict, images: list[str] = ()) -> None:
+    def add(self, stage: str, figures: dict) -> None:
         """Record (or replace) one stage's figures and write both files; a `markdown` figure
         (text) is rendered as it is, after the table."""
         self.stages[stage] = figures
-        if images:
-            self.images[stage] = list(images)
         self.write()
 
     def write(self) -> None:
@@ -36,7 +33,6 @@ class RunReport:
         for stage, figures in self.stages.items():
             rows = [f"| {key} | {_cell(value)} |" for key, value in _flatten(figures) if key != "markdown"]
             blocks = ["\n".join(["| figure | value |", "|---|---|", *rows])] if rows else []
-            blocks += [f"![{stage}]({image})" for image in self.images.get(stage, [])]
             blocks += [figures["markdown"]] if isinstance(figures.get("markdown"), str) else []
             lines += [f"## {stage}", "", "\n\n".join(blocks), ""]
         return "\n".join(lines)

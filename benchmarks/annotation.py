@@ -42,12 +42,19 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from alignx_ray import prompts, synthetic
-    from alignx_ray.annotate import AnnotateConfig, QuestionBank, label_batch
-    from alignx_ray.config import RayConfig
-    from alignx_ray.engines import EngineConfig, make_engine
-    from alignx_ray.pipeline import Run, RunConfig
-    from alignx_ray.tiny import build_tiny_model
+    from alignx_ray.common import prompts
+    from alignx_ray.common.config import PoolConfig, load_config
+    from alignx_ray.engines.labelling import QuestionBank, label_batch
+    from alignx_ray.engines.scoring import make_engine
+    from alignx_ray.fixtures import synthetic
+    from alignx_ray.fixtures.tiny import build_tiny_model
+    from alignx_ray.run import Run, RunConfig
+
+    # The CPU settings are the demo's (code defaults are a GPU node's).
+    demo = load_config(RunConfig, Path(__file__).parents[1] / "configs" / "demo.yaml")
+
+    def cpu_engine(**fields):
+        return demo.annotate.engine.model_copy(update=fields)
 
     work = Path(tempfile.mkdtemp(prefix="alignx-bench-"))
     model = str(build_tiny_model(work / "model"))
@@ -62,50 +69,55 @@ def main() -> None:
         """Score the first n responses; the share of prompt tokens a prefix cache served."""
         cached = prompted = 0
         for i in range(0, n, args.batch):
-            out = label_batch(engine, bank, posts[i:min(i + args.batch, n)], comments[i:min(i + args.batch, n)])
+            out = label_batch(engine, bank, posts[i : min(i + args.batch, n)], comments[i : min(i + args.batch, n)])
             cached += sum(c or 0 for c in out["cached_tokens"])
             prompted += sum(out["prompt_tokens"])
         return cached / prompted if None not in out["cached_tokens"] else None
 
-    figures = {"device": "cpu", "responses": len(examples), "D": len(bank.questions),
-               "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c, _ in examples) / len(examples), 1),
-               "mean_question_tokens": round(sum(map(len, bank.questions)) / len(bank.questions), 1)}
+    figures = {
+        "device": "cpu",
+        "responses": len(examples),
+        "D": len(bank.questions),
+        "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c, _ in examples) / len(examples), 1),
+        "mean_question_tokens": round(sum(map(len, bank.questions)) / len(bank.questions), 1),
+    }
 
     n_vllm = min(args.vllm_responses, len(examples))
     for name, sharing in (("vllm_prefix_sharing", True), ("vllm_no_prefix_sharing", False)):
-        engine = make_engine(EngineConfig(kind="vllm", prefix_caching=sharing), model, tokenizer)
+        engine = make_engine(cpu_engine(kind="vllm", prefix_caching=sharing), model, tokenizer)
         run_engine(engine, 1)  # warm-up: the first call compiles and allocates
-        hit_rate, t = timed(lambda: run_engine(engine, n_vllm))
+        hit_rate, t = timed(lambda engine=engine: run_engine(engine, n_vllm))
         figures[f"{name}_s_per_response"] = t / n_vllm
         if sharing:
             figures["vllm_prefix_cache_hit_rate"] = hit_rate
         del engine
 
-    tree = make_engine(EngineConfig(kind="transformers"), model, tokenizer)
+    tree = make_engine(cpu_engine(kind="transformers"), model, tokenizer)
     _, t = timed(lambda: run_engine(tree))
     figures["bare_tree_engine_s_per_response"] = t / len(examples)
     figures["bare_tree_engine_unique_tokens_per_s"] = unique_tokens / t
-    plain = make_engine(EngineConfig(kind="transformers-plain"), model, tokenizer)
+    plain = make_engine(cpu_engine(kind="transformers-plain"), model, tokenizer)
     _, t = timed(lambda: run_engine(plain, args.plain_responses))
     figures["plain_90_prompts_s_per_response"] = t / args.plain_responses
 
-    config = RunConfig(
-        ray=RayConfig(num_cpus=4), threads=threads,
-        annotate=AnnotateConfig(engine=EngineConfig(kind="transformers", model=model), batch_responses=args.batch),
-    )
+    pool = PoolConfig(batch_size=args.batch, concurrency=(1, 1), num_cpus=1)
+    annotate = demo.annotate.model_copy(update={"engine": cpu_engine(kind="transformers", model=model), "pool": pool})
+    config = demo.model_copy(update={"threads": threads, "annotate": annotate})
     run = Run(config, work / "run")
     run.ingest()
-    from alignx_ray.raycluster import init_ray
+    from alignx_ray.common.raydata import init_ray
 
     init_ray(config.ray)
     job, t = timed(run.annotate)
     assert job["labelled"] == len(examples), "the job must score the same rows as the bare engine"
     figures["ray_job_s_per_response"] = t / len(examples)
     figures["ray_job_overhead_ratio"] = figures["ray_job_s_per_response"] / figures["bare_tree_engine_s_per_response"]
-    figures["vllm_prefix_sharing_speedup"] = (figures["vllm_no_prefix_sharing_s_per_response"]
-                                              / figures["vllm_prefix_sharing_s_per_response"])
-    figures["tree_speedup_vs_plain"] = (figures["plain_90_prompts_s_per_response"]
-                                        / figures["bare_tree_engine_s_per_response"])
+    figures["vllm_prefix_sharing_speedup"] = (
+        figures["vllm_no_prefix_sharing_s_per_response"] / figures["vllm_prefix_sharing_s_per_response"]
+    )
+    figures["tree_speedup_vs_plain"] = (
+        figures["plain_90_prompts_s_per_response"] / figures["bare_tree_engine_s_per_response"]
+    )
 
     print(f"\n{'measure':45s} value")
     for key, value in figures.items():

@@ -31,20 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "tie_word_embeddings")
 SHAPES = {
-    "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                        num_attention_heads=40, num_key_value_heads=8, rope_theta=1e6, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-14b": {**dict(zip(SHAPE_FIELDS, (152064, 5120, 13824, 48, 40, 8, False))), "rope_theta": 1e6},
+    "qwen2.5-0.5b": dict(zip(SHAPE_FIELDS, (151936, 896, 4864, 24, 14, 2, True))),
+    "tiny": dict(zip(SHAPE_FIELDS, (4096, 128, 512, 2, 4, 2, True))),
 }
 OPTION_IDS = [16, 17, 18]  # stand-ins for the answer tokens '1', '2', '3'
 
 
 def workload(args, vocab: int):
     """ScoreRequests with the thread structure above, from seeded random tokens."""
-    from alignx_ray.engines import ScoreRequest
+    from alignx_ray.engines.scoring import ScoreRequest
 
     rng = np.random.default_rng(0)
 
@@ -75,21 +73,28 @@ def time_vllm(args, config, requests, cuda: bool) -> float:
     import gc
     import tempfile
 
-    from alignx_ray.config import load_config
-    from alignx_ray.engines import EngineConfig, VllmEngine
-    from alignx_ray.pipeline import RunConfig
+    from alignx_ray.common.config import load_config
+    from alignx_ray.engines.scoring import VllmEngine
+    from alignx_ray.run import RunConfig
 
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    engine_config = (load_config(RunConfig, Path(__file__).parents[1] / "configs" / "annotate-qwen14b.yaml").annotate.engine
-                     if cuda else EngineConfig())
+    # the GPU settings of the production config, or the CPU build's of the demo's
+    config_file = "annotate-qwen14b.yaml" if cuda else "demo.yaml"
+    engine_config = load_config(RunConfig, Path(__file__).parents[1] / "configs" / config_file).annotate.engine
     model_dir = tempfile.mkdtemp(prefix="alignx-vllm-shape-")
     config.architectures = ["Qwen2ForCausalLM"]
     config.save_pretrained(model_dir)  # the shape only: vLLM draws the weights
-    engine = VllmEngine(model_dir, OPTION_IDS, args.dtype, {**engine_config.vllm, "load_format": "dummy",
-                        "skip_tokenizer_init": True}, engine_config.vllm_env, prefix_caching=True)
-    timed(engine, requests[:args.per_thread], "cuda" if cuda else "cpu")  # warm-up
+    engine = VllmEngine(
+        model_dir,
+        OPTION_IDS,
+        args.dtype,
+        {**engine_config.vllm, "load_format": "dummy", "skip_tokenizer_init": True},
+        engine_config.vllm_env,
+        prefix_caching=True,
+    )
+    timed(engine, requests[: args.per_thread], "cuda" if cuda else "cpu")  # warm-up
     _, t = timed(engine, requests, "cuda" if cuda else "cpu")
     return t / len(requests)
 
@@ -110,44 +115,66 @@ def main() -> None:
     parser.add_argument("--naive-responses", type=int, default=2, help="responses timed on the naive path")
     parser.add_argument("--naive-prompts-per-pass", type=int, default=45)
     parser.add_argument("--attention", nargs="+", default=["sdpa", "flex"], choices=["sdpa", "flex"])
-    parser.add_argument("--peak-tflops", type=float, default=989.0 if cuda else None,
-                        help="the device's dense peak for --dtype (H100 SXM bf16: 989)")
-    parser.add_argument("--vllm", action="store_true", help="also time vLLM (engine settings from "
-                        "configs/annotate-qwen14b.yaml on a GPU, the CPU defaults otherwise)")
-    parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/packed-scorer-<device>.json)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0 if cuda else None,
+        help="the device's dense peak for --dtype (H100 SXM bf16: 989)",
+    )
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also time vLLM (engine settings from configs/annotate-qwen14b.yaml on a GPU, the CPU defaults otherwise)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="result JSON (default: benchmarks/results/packed-scorer-<device>.json)"
+    )
     args = parser.parse_args()
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from alignx_ray.engines import EngineConfig, TransformersPlainEngine, TransformersTreeEngine
+    from alignx_ray.engines.scoring import EngineConfig, TransformersPlainEngine, TransformersTreeEngine
 
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
-    config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=32768)
+    names = {"layers": "num_hidden_layers", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads"}
+    shape = {names.get(k, k): v for k, v in SHAPES[args.shape].items()}
+    config = Qwen2Config(**shape, max_position_embeddings=32768)
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype))
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    non_embedding = sum(
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n
+    )
     requests = workload(args, config.vocab_size)
     n = len(requests)
     figures = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "command": "python " + shlex.join(sys.argv), "shape": args.shape, "dtype": args.dtype,
-        "P": args.P, "Q": args.Q, "D": args.D, "few_shot": args.few_shot, "post": args.post,
-        "per_thread": args.per_thread, "responses": n, "non_embedding_params": non_embedding,
+        "command": "python " + shlex.join(sys.argv),
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "P": args.P,
+        "Q": args.Q,
+        "D": args.D,
+        "few_shot": args.few_shot,
+        "post": args.post,
+        "per_thread": args.per_thread,
+        "responses": n,
+        "non_embedding_params": non_embedding,
     }
 
     plain_config = EngineConfig(kind="transformers-plain", pack_tokens=args.naive_prompts_per_pass * (args.P + args.Q))
     naive_engine = TransformersPlainEngine(model, OPTION_IDS, 0, plain_config)
     timed(naive_engine, requests[:1], device)  # warm-up
-    naive, t = timed(naive_engine, requests[:args.naive_responses], device)
+    naive, t = timed(naive_engine, requests[: args.naive_responses], device)
     figures["naive_s_per_response"] = t / args.naive_responses
     naive_tokens = (args.P + args.Q) * args.D
     figures["naive_tokens_per_s"] = naive_tokens * args.naive_responses / t
 
     for attention in args.attention:
-        engine = TransformersTreeEngine(model, OPTION_IDS, 0, EngineConfig(
-            kind="transformers", attention=attention, pack_tokens=args.pack_tokens))
-        timed(engine, requests[:2 * args.per_thread], device)  # warm-up: compiles, caches the few-shot block
+        engine = TransformersTreeEngine(
+            model, OPTION_IDS, 0, EngineConfig(kind="transformers", attention=attention, pack_tokens=args.pack_tokens)
+        )
+        timed(engine, requests[: 2 * args.per_thread], device)  # warm-up: compiles, caches the few-shot block
         before = engine.tokens_computed
         out, t = timed(engine, requests, device)
         computed = engine.tokens_computed - before
@@ -156,7 +183,7 @@ def main() -> None:
         figures[f"{key}_tokens_per_s"] = computed / t
         if args.peak_tflops:
             figures[f"{key}_model_flop_utilisation"] = 2 * non_embedding * computed / t / (args.peak_tflops * 1e12)
-        choices = np.stack(out[:args.naive_responses]).argmax(-1) == np.stack(naive).argmax(-1)
+        choices = np.stack(out[: args.naive_responses]).argmax(-1) == np.stack(naive).argmax(-1)
         figures[f"{key}_argmax_agreement"] = float(choices.mean())
         figures[f"{key}_max_prob_difference"] = float(max(np.abs(a - b).max() for a, b in zip(out, naive)))
         del engine

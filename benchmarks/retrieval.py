@@ -40,7 +40,7 @@ def memory_kib(field: str) -> int:
 def measure(kind: str, args, queue) -> None:
     import faiss
 
-    from alignx_ray.retrieval import LevelIndex
+    from alignx_ray.engines.retrieval import LevelIndex
 
     faiss.omp_set_num_threads(args.threads)
     base, queries = make_levels(args.responses, 0), make_levels(args.queries, 1)
@@ -54,14 +54,19 @@ def measure(kind: str, args, queue) -> None:
     rss1 = memory_kib("VmHWM")
     np.save(f"{args.scratch}/{kind}-scores.npy", result[0])
     np.save(f"{args.scratch}/{kind}-ids.npy", result[1])
-    queue.put({"build_s": round(built - started, 3), "search_s": round(done - built, 3),
-               "peak_mib_above_data": round((rss1 - rss0) / 1024, 1)})
+    queue.put(
+        {
+            "build_s": round(built - started, 3),
+            "search_s": round(done - built, 3),
+            "peak_mib_above_data": round((rss1 - rss0) / 1024, 1),
+        }
+    )
 
 
 def main() -> None:
     import tempfile
 
-    from alignx_ray.retrieval import same_neighbours
+    from alignx_ray.engines.retrieval import same_neighbours
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--responses", type=int, default=200_000)
@@ -80,22 +85,34 @@ def main() -> None:
             proc.start()
             figures[kind] = queue.get()
             proc.join()
-            print(f"{kind:8s} build {figures[kind]['build_s']:8.3f} s  search {figures[kind]['search_s']:8.3f} s  "
-                  f"peak +{figures[kind]['peak_mib_above_data']:.0f} MiB", flush=True)
-        loaded = {kind: (np.load(f"{scratch}/{kind}-scores.npy"), np.load(f"{scratch}/{kind}-ids.npy"))
-                  for kind in kinds}
+            print(
+                f"{kind:8s} build {figures[kind]['build_s']:8.3f} s  search {figures[kind]['search_s']:8.3f} s  "
+                f"peak +{figures[kind]['peak_mib_above_data']:.0f} MiB",
+                flush=True,
+            )
+        loaded = {
+            kind: (np.load(f"{scratch}/{kind}-scores.npy"), np.load(f"{scratch}/{kind}-ids.npy")) for kind in kinds
+        }
     identical = {kind: same_neighbours(loaded["flat_ip"], loaded[kind]) for kind in kinds[1:]}
     total = {kind: f["build_s"] + f["search_s"] for kind, f in figures.items()}
     fastest = min(kinds[1:], key=total.get)
-    print(json.dumps({
-        "responses": args.responses, "queries": args.queries, "k": args.k, "threads": args.threads,
-        **{f"{kind}_{key}": value for kind, f in figures.items() for key, value in f.items()},
-        **{f"speedup_{kind}_vs_flat_ip": round(total["flat_ip"] / total[kind], 2) for kind in kinds[1:]},
-        "fastest": fastest,
-        "speedup_vs_flat_ip": round(total["flat_ip"] / total[fastest], 2),
-        "identical_binary": identical["binary"], "identical_fastscan": identical["fastscan"],
-        "identical": identical[fastest],
-    }))
+    print(
+        json.dumps(
+            {
+                "responses": args.responses,
+                "queries": args.queries,
+                "k": args.k,
+                "threads": args.threads,
+                **{f"{kind}_{key}": value for kind, f in figures.items() for key, value in f.items()},
+                **{f"speedup_{kind}_vs_flat_ip": round(total["flat_ip"] / total[kind], 2) for kind in kinds[1:]},
+                "fastest": fastest,
+                "speedup_vs_flat_ip": round(total["flat_ip"] / total[fastest], 2),
+                "identical_binary": identical["binary"],
+                "identical_fastscan": identical["fastscan"],
+                "identical": identical[fastest],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

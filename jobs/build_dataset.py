@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: build the AlignX dataset from a run's annotations.
 
-    ray job submit --working-dir . -- python jobs/build_dataset.py --config configs/build-qwen14b.yaml
+    ray job submit --working-dir . -- python jobs/build_dataset.py --config configs/annotate-qwen14b.yaml
 
 Runs (or reuses) annotation first when the run directory lacks it. Re-submitting the same
 command resumes: finished stages are reused, the persona and demographic stages row by row.

@@ -1,6 +1,7 @@
 """`ray job submit` entrypoint: DPO training of ICA or PBA on Ray Train.
 
-    ray job submit --working-dir . -- python jobs/train_dpo.py --config configs/train-ica.yaml
+    ray job submit --working-dir . -- python jobs/train_dpo.py --config configs/train.yaml --method ica
+    ray job submit --working-dir . -- python jobs/train_dpo.py --config configs/train.yaml --method pba
 
 Re-submitting the same command resumes from the latest Ray Train checkpoint in the
 configured storage path.

@@ -1,7 +1,7 @@
 """AlignX rows for tests: persona items whose directions are known."""
 
-from alignx_ray import schema
-from alignx_ray.space import SPACE
+from alignx_ray.common import schema
+from alignx_ray.common.space import SPACE
 
 D = len(SPACE)
 
@@ -15,12 +15,24 @@ def direction(**dims) -> list[float]:
 
 def alignx_row(i: int, n_ugc=6, n_pair=6) -> dict:
     return {
-        "prompt": f"Post {i}: what should I cook tonight?", "chosen": f"Try a spicy curry, friend {i}.",
-        "rejected": f"Order takeout {i}.", schema.DIRECTION: direction(d2=1.0),
+        "prompt": f"Post {i}: what should I cook tonight?",
+        "chosen": f"Try a spicy curry, friend {i}.",
+        "rejected": f"Order takeout {i}.",
+        schema.DIRECTION: direction(d2=1.0),
         schema.DEMOGRAPHIC: "An outgoing cook.",
-        schema.UGC: [{"prompt": f"u-post {j}", "comment": f"u-comment {j}", schema.DIRECTION: direction(d2=1.0)}
-                     for j in range(n_ugc)],
-        schema.PAIR: [{"prompt": f"p-post {j}", "chosen": f"good {j}", "rejected": f"bad {j}",
-                       schema.DIRECTION: direction(d2=1.0, d3=0.0 if j % 2 else 0.5)} for j in range(n_pair)],
-        "example_id": f"ex-{i}", "split": "train",
+        schema.UGC: [
+            {"prompt": f"u-post {j}", "comment": f"u-comment {j}", schema.DIRECTION: direction(d2=1.0)}
+            for j in range(n_ugc)
+        ],
+        schema.PAIR: [
+            {
+                "prompt": f"p-post {j}",
+                "chosen": f"good {j}",
+                "rejected": f"bad {j}",
+                schema.DIRECTION: direction(d2=1.0, d3=0.0 if j % 2 else 0.5),
+            }
+            for j in range(n_pair)
+        ],
+        "example_id": f"ex-{i}",
+        "split": "train",
     }

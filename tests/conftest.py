@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-weight tiny Qwen2 model with its trained tokenizer, built once per session."""
-    from alignx_ray.tiny import build_tiny_model
+    from alignx_ray.fixtures.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
 
@@ -40,17 +40,18 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def annotator_dir() -> Path:
     """The demo's tiny annotator (cached per machine, so built at most once)."""
-    from alignx_ray.annotator import AnnotatorConfig, build_annotator
+    from alignx_ray.fixtures.tiny_annotator import AnnotatorConfig, build_annotator
 
     return build_annotator(AnnotatorConfig())
 
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session (4 logical CPUs: see RayConfig)."""
-    from alignx_ray.config import RayConfig
-    from alignx_ray.raycluster import init_ray
+    """One local Ray instance for the whole session (the demo's: 4 logical CPUs)."""
+    from cpu import DEMO
 
-    ray = init_ray(RayConfig())
+    from alignx_ray.common.raydata import init_ray
+
+    ray = init_ray(DEMO.ray)
     yield ray
     ray.shutdown()

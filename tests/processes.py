@@ -18,8 +18,7 @@ def alignx(*args: str) -> list[str]:
 def kill_when(cmd: list[str], ready, timeout: float, settle: float = 2.0) -> None:
     """Start `cmd` in its own session; once `ready()` holds (and `settle` seconds more), kill -9
     its whole process group: the driver, the Ray instance it started and every worker."""
-    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.2)

@@ -3,22 +3,20 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
-
-from alignx_ray.config import load_config
-from alignx_ray.pipeline import Run, RunConfig
+from cpu import write_config as write_demo_config
 from processes import alignx, exists, kill_when, run_to_end
+
+from alignx_ray.common.config import load_config
+from alignx_ray.run import Run, RunConfig
 
 
 def write_config(path, model_dir, kind="transformers", n_threads=6, batch=2):
-    config = {
-        "ray": {"num_cpus": 4},
+    changes = {
         "threads": {"n_threads": n_threads, "seed": 7, "responses_per_thread": [3, 5]},
         "ingest": {"shard_rows": 3},
-        "annotate": {"engine": {"kind": kind, "model": str(model_dir)}, "batch_responses": batch},
+        "annotate": {"engine": {"kind": kind, "model": str(model_dir)}, "pool": {"batch_size": batch, "num_cpus": 1}},
     }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_demo_config(path, changes)
 
 
 def sorted_output(run_dir):
@@ -57,8 +55,9 @@ def test_rerun_reuses_the_finished_stage(reference_run):
 
 def test_vllm_engine_in_a_ray_actor(tmp_path, tiny_model_dir, ray_local, reference_run):
     # On CPU, vLLM's start-up and first-call compilation dominate: one thread keeps this short.
-    config = load_config(RunConfig, write_config(tmp_path / "config.yaml", tiny_model_dir, kind="vllm", n_threads=1,
-                                                 batch=4))
+    config = load_config(
+        RunConfig, write_config(tmp_path / "config.yaml", tiny_model_dir, kind="vllm", n_threads=1, batch=4)
+    )
     run = Run(config, tmp_path)
     figures = run.annotate()
     out = sorted_output(tmp_path)

@@ -5,12 +5,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from cpu import cpu_engine
 from transformers import AutoTokenizer
 
-from alignx_ray import prompts, synthetic
-from alignx_ray.annotate import QuestionBank, label_batch
-from alignx_ray.annotator import label_accuracy
-from alignx_ray.engines import EngineConfig, make_engine
+from alignx_ray.common import prompts
+from alignx_ray.engines.labelling import QuestionBank, label_batch
+from alignx_ray.engines.scoring import make_engine
+from alignx_ray.fixtures import synthetic
+from alignx_ray.fixtures.tiny_annotator import label_accuracy
 
 UNSEEN_SEED = 424242  # neither the demo's, nor the annotator's training or evaluation seeds
 
@@ -18,7 +20,7 @@ UNSEEN_SEED = 424242  # neither the demo's, nor the annotator's training or eval
 @pytest.fixture(scope="module")
 def unseen_accuracy(annotator_dir):
     tokenizer = AutoTokenizer.from_pretrained(annotator_dir)
-    engine = make_engine(EngineConfig(kind="transformers"), str(annotator_dir), tokenizer)
+    engine = make_engine(cpu_engine(kind="transformers"), str(annotator_dir), tokenizer)
     bank = QuestionBank(tokenizer, prompts.PromptTemplates())
     examples = list(synthetic.iter_examples(replace(synthetic.SyntheticConfig(), n_threads=8, seed=UNSEEN_SEED)))
     out = label_batch(engine, bank, [e[0] for e in examples], [e[1] for e in examples])

@@ -6,19 +6,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cpu import DEMO, cpu_pool
 
-from alignx_ray import prompts, schema, synthetic
-from alignx_ray.assemble import AssembleConfig
-from alignx_ray.dataset import BuildConfig, run_assemble, run_demographics, run_pairs, run_personas
-from alignx_ray.demographics import DemographicsConfig, demographics_batch, parse_demographic
-from alignx_ray.personas import PersonaConfig, consistent, example_consistent
-from alignx_ray.space import SPACE
+from alignx_ray.build.assemble import AssembleConfig, run_assemble
+from alignx_ray.build.demographics import DemographicsConfig, demographics_batch, parse_demographic, run_demographics
+from alignx_ray.build.pairs import run_pairs
+from alignx_ray.build.personas import PersonaConfig, consistent, example_consistent, run_personas
+from alignx_ray.common import prompts, schema
+from alignx_ray.common.space import SPACE
+from alignx_ray.fixtures import synthetic
+from alignx_ray.run import BuildConfig
 
 
 def answer(**overrides) -> str:
-    body = {"reason": "r", "textual persona": "A young woman who paints.",
-            "dimension description": {"Age group": "Young", "Occupation": "nurse"},
-            "like keywords": "painting, knitting", "dislike keywords": "gaming"}
+    body = {
+        "reason": "r",
+        "textual persona": "A young woman who paints.",
+        "dimension description": {"Age group": "Young", "Occupation": "nurse"},
+        "like keywords": "painting, knitting",
+        "dislike keywords": "gaming",
+    }
     return json.dumps({**body, **overrides})
 
 
@@ -36,16 +43,19 @@ def test_parse_demographic_maps_labels_and_keywords():
     assert direction.tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("{not json", "not_json"),
-    ("[1, 2]", "not_an_object"),
-    (json.dumps({"reason": "r"}), "missing_keys"),
-    (answer(**{"textual persona": "  "}), "empty_textual_persona"),
-    (answer(**{"dimension description": {"Shoe size": "Large"}}), "unknown_dimension"),
-    (answer(**{"dimension description": {"Age group": "Ancient"}}), "unknown_label"),
-    (answer(**{"like keywords": "gaming", "dislike keywords": "gaming"}), "keyword_liked_and_disliked"),
-    (answer(**{"like keywords": 3}), "bad_type"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("{not json", "not_json"),
+        ("[1, 2]", "not_an_object"),
+        (json.dumps({"reason": "r"}), "missing_keys"),
+        (answer(**{"textual persona": "  "}), "empty_textual_persona"),
+        (answer(**{"dimension description": {"Shoe size": "Large"}}), "unknown_dimension"),
+        (answer(**{"dimension description": {"Age group": "Ancient"}}), "unknown_label"),
+        (answer(**{"like keywords": "gaming", "dislike keywords": "gaming"}), "keyword_liked_and_disliked"),
+        (answer(**{"like keywords": 3}), "bad_type"),
+    ],
+)
 def test_parse_demographic_rejects_with_reason(text, reason):
     with pytest.raises(ValueError, match=reason):
         parse_demographic(text)
@@ -53,17 +63,23 @@ def test_parse_demographic_rejects_with_reason(text, reason):
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
-    from alignx_ray.engines import VllmGenerator
+    from alignx_ray.engines.generation import VllmGenerator
 
-    return VllmGenerator(DemographicsConfig().engine, str(tiny_model_dir))
+    return VllmGenerator(DEMO.build.demographics.engine, str(tiny_model_dir))
 
 
 def demo_pairs(n: int) -> pa.Table:
     direction = [0.5] * len(SPACE)
     direction[index_of("painting")] = 1.0
-    return pa.table({"pair_id": [f"p{i}" for i in range(n)], "prompt": ["What hobby should I pick up?"] * n,
-                     "chosen": ["I love painting."] * n, "rejected": ["Painting bores me."] * n,
-                     "direction": [direction] * n})
+    return pa.table(
+        {
+            "pair_id": [f"p{i}" for i in range(n)],
+            "prompt": ["What hobby should I pick up?"] * n,
+            "chosen": ["I love painting."] * n,
+            "rejected": ["Painting bores me."] * n,
+            "direction": [direction] * n,
+        }
+    )
 
 
 def test_structured_decoding_on_vllm_gives_schema_json(generator, tiny_tokenizer):
@@ -92,9 +108,19 @@ def annotated_dir(tmp_path_factory):
     cfg = synthetic.SyntheticConfig(n_threads=60, n_users=20, seed=11)
     threads, truth = synthetic.generate(cfg)
     levels = {t["response_id"]: t["levels"] for t in truth}
-    rows = [{"thread_id": t["thread_id"], "response_id": r["response_id"], "post": t["post"], "response": r["text"],
-             "source": "threads", "levels": levels[r["response_id"]], "reject_reason": None}
-            for t in threads for r in t["responses"]]
+    rows = [
+        {
+            "thread_id": t["thread_id"],
+            "response_id": r["response_id"],
+            "post": t["post"],
+            "response": r["text"],
+            "source": "threads",
+            "levels": levels[r["response_id"]],
+            "reject_reason": None,
+        }
+        for t in threads
+        for r in t["responses"]
+    ]
     rows.append({**rows[0], "response_id": "too-long", "levels": [], "reject_reason": "prompt_too_long"})
     (out / "annotate" / "data").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), out / "annotate" / "data" / "part-0.parquet")
@@ -104,17 +130,22 @@ def annotated_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(annotated_dir, tiny_model_dir, ray_local):
     run = annotated_dir
-    config = BuildConfig(personas=PersonaConfig(items=8), assemble=AssembleConfig(test_per_cell=2),
-                         pairs={"pairs_per_thread": 2}, persona_batch=16,
-                         demographics=DemographicsConfig(attempts=1, batch_pairs=32))
+    config = BuildConfig(
+        personas=PersonaConfig(items=8, pool=cpu_pool(16)),
+        assemble=AssembleConfig(test_per_cell=2),
+        pairs={"pairs_per_thread": 2},
+        demographics=DEMO.build.demographics.model_copy(update={"attempts": 1, "pool": cpu_pool(32)}),
+    )
     figures = {
         "pairs": run_pairs(config.pairs, run / "annotate", run / "pairs"),
-        "personas": run_personas(config, run / "annotate", run / "pairs", run / "personas"),
-        "demographics": run_demographics(config.demographics, run / "pairs", run / "demographics",
-                                         str(tiny_model_dir), prompts.PromptTemplates()),
+        "personas": run_personas(config.personas, run / "annotate", run / "pairs", run / "personas"),
+        "demographics": run_demographics(
+            config.demographics, run / "pairs", run / "demographics", str(tiny_model_dir), prompts.PromptTemplates()
+        ),
     }
-    figures["assemble"] = run_assemble(config.assemble, run / "pairs", run / "personas", run / "demographics",
-                                       run / "dataset")
+    figures["assemble"] = run_assemble(
+        config.assemble, run / "pairs", run / "personas", run / "demographics", run / "dataset"
+    )
     return run, config, figures
 
 
@@ -123,14 +154,19 @@ def test_every_pair_and_thread_accounted(built):
     pairs = pq.read_table(run / "pairs" / "data")
     rejected_threads = pq.read_table(run / "pairs" / "_rejected")
     assert figures["pairs"]["responses_in"] == pq.read_table(run / "annotate" / "data").num_rows - 1
-    assert len(set(pairs["thread_id"].to_pylist()) | set(rejected_threads["thread_id"].to_pylist())) == \
-        figures["pairs"]["threads"]
+    assert (
+        len(set(pairs["thread_id"].to_pylist()) | set(rejected_threads["thread_id"].to_pylist()))
+        == figures["pairs"]["threads"]
+    )
     assert pairs.num_rows == figures["pairs"]["pairs"] > 0
     assert "too-long" not in pairs["chosen_id"].to_pylist() + pairs["rejected_id"].to_pylist()
     personas = pq.read_table(run / "personas" / "data")
     demo = pq.read_table(run / "demographics" / "data")
-    assert sorted(personas["pair_id"].to_pylist()) == sorted(demo["pair_id"].to_pylist()) == \
-        sorted(pairs["pair_id"].to_pylist())
+    assert (
+        sorted(personas["pair_id"].to_pylist())
+        == sorted(demo["pair_id"].to_pylist())
+        == sorted(pairs["pair_id"].to_pylist())
+    )
     a = figures["assemble"]
     assert a["train"] + a["test"] + a["rejected"] == a["pairs_in"] == pairs.num_rows
 
@@ -155,8 +191,13 @@ def test_dataset_is_consistent_official_and_split_cleanly(built):
 def test_datasets_library_loads_the_splits(built):
     datasets = pytest.importorskip("datasets")
     run, _, _ = built
-    ds = datasets.load_dataset("parquet", data_files={"train": str(run / "dataset" / "train" / "*.parquet"),
-                                                      "test": str(run / "dataset" / "test" / "*.parquet")})
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files={
+            "train": str(run / "dataset" / "train" / "*.parquet"),
+            "test": str(run / "dataset" / "test" / "*.parquet"),
+        },
+    )
     assert ds["train"].num_rows == pq.read_table(run / "dataset" / "train").num_rows
     assert set(schema.OFFICIAL_SCHEMA.names) <= set(ds["test"].column_names)
 

@@ -7,23 +7,24 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
-
-from alignx_ray.config import load_config
-from alignx_ray.pipeline import Run, RunConfig
+from cpu import write_config
 from processes import alignx, exists, kill_when, run_to_end
+
+from alignx_ray.common.config import load_config
+from alignx_ray.run import Run, RunConfig
 
 # The demo at its smallest: a few threads, a short training, a few evaluated examples.
 CONFIG = {
-    "ray": {"num_cpus": 4},
     "threads": {"n_threads": 12, "seed": 5, "responses_per_thread": [3, 5]},
     "ingest": {"shard_rows": 4},
-    "annotate": {"engine": {"kind": "transformers"}, "batch_responses": 2},
-    "build": {"personas": {"items": 4}, "demographics": {"attempts": 1, "batch_pairs": 2, "max_tokens": 256},
-              "assemble": {"test_per_cell": 1, "test_items": 2}},
-    "train": {"num_workers": 2, "deepspeed": "configs/deepspeed/zero3.json",
-              "dpo": {"epochs": 3, "learning_rate": 1e-3, "per_device_batch": 2, "save_steps": 1,
-                      "logging_steps": 1}},
+    "annotate": {"engine": {"kind": "transformers"}, "pool": {"batch_size": 2, "num_cpus": 1}},
+    "build": {
+        "personas": {"items": 4},
+        "demographics": {"attempts": 1, "pool": {"batch_size": 2}, "max_tokens": 256},
+        "pairs": {"pairs_per_thread": 1},
+        "assemble": {"test_per_cell": 1, "test_max": None, "test_items": 2},
+    },
+    "train": {"dpo": {"epochs": 3, "learning_rate": 1e-3, "per_device_batch": 2, "save_steps": 1, "logging_steps": 1}},
     "evaluate": {"personas": ["all"], "reversal": False, "max_examples": 3},
 }
 
@@ -39,9 +40,7 @@ def report(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory, annotator_dir):
     """The demo config (its annotator, the one built by `annotator_dir`, is cached by then)."""
-    path = tmp_path_factory.mktemp("demo-resume") / "config.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
-    return path
+    return write_config(tmp_path_factory.mktemp("demo-resume") / "config.yaml", CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_demo_killed_at_three_points_resumes_to_the_same_dataset(tmp_path, confi
     assert report(run_dir)["annotate"]["status"] == "resumed"
     assert not (run_dir / "demographics" / "_manifest.json").exists()
 
-    kill_when(cmd, exists(run_dir / "train_ica" / "ray" / "dpo-ica" / "checkpoint_*"), timeout=900)
+    kill_when(cmd, exists(run_dir / "train_ica" / "ray" / "alignxpert-ica" / "checkpoint_*"), timeout=900)
     assert report(run_dir)["demographics"]["status"] == "resumed"
     assert not (run_dir / "train_ica" / "_manifest.json").exists()
 

@@ -2,21 +2,31 @@
 
 import numpy as np
 import pytest
-
-from alignx_ray import prompts
-from alignx_ray.annotate import QuestionBank, label_batch
-from alignx_ray.engines import EngineConfig, ScoreRequest, make_engine
 import torch
+from cpu import cpu_engine
 
-from alignx_ray.tree import branch_logits, pack_forest, plan_packs, visibility_block_mask, visibility_mask
+from alignx_ray.common import prompts
+from alignx_ray.engines.labelling import QuestionBank, label_batch
+from alignx_ray.engines.prefix_forest import (
+    branch_logits,
+    pack_forest,
+    plan_packs,
+    visibility_block_mask,
+    visibility_mask,
+)
+from alignx_ray.engines.scoring import ScoreRequest, make_engine
 
 # Two threads; the first has two responses, so packs share its post.
-POSTS = ["We are moving to a smaller flat next month. Any packing tips?",
-         "Thinking of learning to paint this winter.",
-         "We are moving to a smaller flat next month. Any packing tips?"]
-COMMENTS = ["Label every box and keep a spreadsheet, it saved my sanity.",
-            "I adore painting, start with cheap brushes and have fun!",
-            "honestly just throw half of it away lol"]
+POSTS = [
+    "We are moving to a smaller flat next month. Any packing tips?",
+    "Thinking of learning to paint this winter.",
+    "We are moving to a smaller flat next month. Any packing tips?",
+]
+COMMENTS = [
+    "Label every box and keep a spreadsheet, it saved my sanity.",
+    "I adore painting, start with cheap brushes and have fun!",
+    "honestly just throw half of it away lol",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +37,7 @@ def bank(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir, tiny_tokenizer, bank):
     """The reference: 90 independent prompts per response."""
-    engine = make_engine(EngineConfig(kind="transformers-plain"), str(tiny_model_dir), tiny_tokenizer)
+    engine = make_engine(cpu_engine(kind="transformers-plain"), str(tiny_model_dir), tiny_tokenizer)
     return label_batch(engine, bank, POSTS, COMMENTS)
 
 
@@ -36,8 +46,11 @@ def test_prompt_segments_concatenate_to_the_full_prompt(tiny_tokenizer, bank):
     question = prompts.format_question(prompts.SPACE[2], prompts.PromptTemplates())
     full = layout.head + layout.post_part(POSTS[0]) + layout.comment_part(COMMENTS[0]) + layout.branch(question)
     user = prompts.PromptTemplates().annotation.format(
-        example=prompts.annotation_example(prompts.PromptTemplates()), post=POSTS[0], comment=COMMENTS[0],
-        question=question)
+        example=prompts.annotation_example(prompts.PromptTemplates()),
+        post=POSTS[0],
+        comment=COMMENTS[0],
+        question=question,
+    )
     assert full == prompts.render_chat(tiny_tokenizer, user)
     assert "Comments alone cannot reflect" in question and full.endswith("<|im_start|>assistant\n")
 
@@ -53,8 +66,7 @@ def test_one_request_lays_out_prefix_then_branches():
 
 def test_forest_lays_out_shared_prefixes_once():
     # Requests 0 and 2 share their whole prefix; request 1 shares [1, 2] with them.
-    forest = pack_forest([([1, 2, 3, 7], [[4, 5], [6]]), ([1, 2, 9], [[4]]), ([1, 2, 3, 7], [[8]])],
-                         position_offset=10)
+    forest = pack_forest([([1, 2, 3, 7], [[4, 5], [6]]), ([1, 2, 9], [[4]]), ([1, 2, 3, 7], [[8]])], position_offset=10)
     assert forest.input_ids.tolist() == [1, 2, 3, 7, 4, 5, 6, 8, 9, 4]
     assert forest.position_ids.tolist() == [10, 11, 12, 13, 14, 15, 14, 14, 12, 13]
     assert forest.counts == [2, 1, 1]
@@ -81,8 +93,13 @@ def test_block_mask_skips_only_blocks_nothing_sees():
     requests = []
     for _ in range(3):
         post = rng.integers(5, 99, 37).tolist()
-        requests += [(post + rng.integers(5, 99, 51).tolist(),
-                      [rng.integers(5, 99, int(rng.integers(3, 60))).tolist() for _ in range(18)]) for _ in range(2)]
+        requests += [
+            (
+                post + rng.integers(5, 99, 51).tolist(),
+                [rng.integers(5, 99, int(rng.integers(3, 60))).tolist() for _ in range(18)],
+            )
+            for _ in range(2)
+        ]
     h, block = 283, 128
     forest = pack_forest(requests, position_offset=h).padded(4500, pad_id=0)
     t = len(forest)
@@ -93,10 +110,10 @@ def test_block_mask_skips_only_blocks_nothing_sees():
     expanded = torch.zeros_like(dense)
     for i in range(mask.kv_num_blocks.shape[-1]):
         rows = slice(i * block, (i + 1) * block)
-        for j in mask.kv_indices[0, 0, i, :mask.kv_num_blocks[0, 0, i]].tolist():
-            expanded[rows, j * block:(j + 1) * block] = dense[rows, j * block:(j + 1) * block]
-        for j in mask.full_kv_indices[0, 0, i, :mask.full_kv_num_blocks[0, 0, i]].tolist():
-            expanded[rows, j * block:(j + 1) * block] = True
+        for j in mask.kv_indices[0, 0, i, : mask.kv_num_blocks[0, 0, i]].tolist():
+            expanded[rows, j * block : (j + 1) * block] = dense[rows, j * block : (j + 1) * block]
+        for j in mask.full_kv_indices[0, 0, i, : mask.full_kv_num_blocks[0, 0, i]].tolist():
+            expanded[rows, j * block : (j + 1) * block] = True
     assert torch.equal(expanded, dense)
     visited = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
     assert visited < 0.25 * mask.kv_indices.shape[-2] * mask.kv_indices.shape[-1]  # most blocks skipped
@@ -104,7 +121,7 @@ def test_block_mask_skips_only_blocks_nothing_sees():
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 def test_transformers_forest_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain, attention):
-    config = EngineConfig(kind="transformers", attention=attention, pack_tokens=6000)  # two responses a pack
+    config = cpu_engine(kind="transformers", attention=attention, pack_tokens=6000)  # two responses a pack
     engine = make_engine(config, str(tiny_model_dir), tiny_tokenizer)
     first = label_batch(engine, bank, POSTS[:1], COMMENTS[:1])  # caches this whole prefix
     assert engine.shared == bank.prefix(POSTS[0], COMMENTS[0])
@@ -126,8 +143,10 @@ def test_training_batch_after_a_shared_prefix_equals_plain_prompts(tiny_model_di
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     h = len(bank.head)
     dims = [[0, 5, 89], list(range(90)), [7]]
-    forests = [pack_forest([(bank.prefix(p, c)[h:], [bank.questions[d] for d in ds])], position_offset=h)
-               for p, c, ds in zip(POSTS, COMMENTS, dims)]
+    forests = [
+        pack_forest([(bank.prefix(p, c)[h:], [bank.questions[d] for d in ds])], position_offset=h)
+        for p, c, ds in zip(POSTS, COMMENTS, dims)
+    ]
     option_ids = prompts.option_token_ids(tiny_tokenizer)
     with torch.no_grad():
         logits = branch_logits(model, forests, tiny_tokenizer.pad_token_id, shared=bank.head)
@@ -136,7 +155,7 @@ def test_training_batch_after_a_shared_prefix_equals_plain_prompts(tiny_model_di
 
 
 def test_vllm_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain):
-    engine = make_engine(EngineConfig(kind="vllm"), str(tiny_model_dir), tiny_tokenizer)
+    engine = make_engine(cpu_engine(kind="vllm"), str(tiny_model_dir), tiny_tokenizer)
     out = label_batch(engine, bank, POSTS, COMMENTS)
     for a, b in zip(out["option_probs"], plain["option_probs"]):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -148,7 +167,7 @@ def test_vllm_equals_plain_prompts(tiny_model_dir, tiny_tokenizer, bank, plain):
 
 
 def test_over_long_prompts_are_rejected_not_lost(tiny_model_dir, tiny_tokenizer, bank):
-    engine = make_engine(EngineConfig(kind="transformers"), str(tiny_model_dir), tiny_tokenizer)
+    engine = make_engine(cpu_engine(kind="transformers"), str(tiny_model_dir), tiny_tokenizer)
     out = label_batch(engine, bank, POSTS, [COMMENTS[0], COMMENTS[1] * 40], max_prompt_tokens=500)
     assert out["reject_reason"][0] is None and out["levels"][0].shape == (90,)
     assert out["reject_reason"][1].startswith("prompt_too_long") and out["levels"][1].size == 0

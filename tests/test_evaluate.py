@@ -4,16 +4,23 @@ AlignX_test parquet."""
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from alignx_ray import eval_data, schema
-from alignx_ray.cli import main
-from alignx_ray.evaluate import EvalConfig, metrics, reward_margin, run_evaluation
-from alignx_ray.space import SPACE
 from alignx_rows import alignx_row, direction
+from cpu import DEMO, cpu_engine, cpu_pool
+
+from alignx_ray.cli import main
+from alignx_ray.common import schema
+from alignx_ray.common.space import SPACE
+from alignx_ray.engines.logprobs import reward_margin
+from alignx_ray.evaluate import examples as eval_data
+from alignx_ray.evaluate.accuracy import metrics, run_evaluation
+
+
+def cpu_eval(**fields):
+    """The demo's evaluation settings (float32, one CPU actor) with `fields`, not capped."""
+    return DEMO.evaluate.model_copy(update={"max_examples": None, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +31,16 @@ def psoups(official_dir):
 @pytest.fixture(scope="module")
 def alignx_test(tmp_path_factory):
     path = tmp_path_factory.mktemp("alignx-test") / "test.parquet"
-    pq.write_table(pa.Table.from_pylist([alignx_row(i, n_ugc=3, n_pair=3) for i in range(4)], schema.ALIGNX_SCHEMA), path)
+    pq.write_table(
+        pa.Table.from_pylist([alignx_row(i, n_ugc=3, n_pair=3) for i in range(4)], schema.ALIGNX_SCHEMA), path
+    )
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def reference_model(tmp_path_factory):
     """A second random tiny model (another seed, same tokenizer): scores differ from the policy's."""
-    from alignx_ray.tiny import TinyModelSpec, build_tiny_model
+    from alignx_ray.fixtures.tiny import TinyModelSpec, build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-ref"), TinyModelSpec(seed=1)))
 
@@ -41,8 +50,12 @@ def test_official_psoups_file_reads_whole(psoups):
     raw = json.loads(open(psoups).read())
     assert rejected == [] and len(examples) == len(raw)
     e = examples[0]
-    assert (e.prompt, e.chosen, e.rejected, e.profile) == (raw[0]["prompt"], raw[0]["chosen"], raw[0]["rejected"],
-                                                            raw[0]["profile"])
+    assert (e.prompt, e.chosen, e.rejected, e.profile) == (
+        raw[0]["prompt"],
+        raw[0]["chosen"],
+        raw[0]["rejected"],
+        raw[0]["profile"],
+    )
     assert len(e.pairs) == len(raw[0][schema.PAIR]) and e.ugc == () and e.gold is None
     assert e.has("pair") and not e.has("ugc") and not e.has("demo")
     assert SPACE.describe_direction(SPACE.parse_profile(e.profile)) == e.profile  # the official labels parse
@@ -61,8 +74,13 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path):
     path.write_text(json.dumps(rows))
     examples, rejected = eval_data.load_benchmark(str(path))
     assert [e.example_id for e in examples] == ["bench-0"]
-    assert [r["reason"] for r in rejected] == ["missing_chosen", "chosen_equals_rejected", "bad_direction_target",
-                                               "bad_item_pair", "not_an_object"]
+    assert [r["reason"] for r in rejected] == [
+        "missing_chosen",
+        "chosen_equals_rejected",
+        "bad_direction_target",
+        "bad_item_pair",
+        "not_an_object",
+    ]
     path.write_text('{"prompt": "not a list"}')
     with pytest.raises(ValueError, match="JSON list"):
         eval_data.load_benchmark(str(path))
@@ -97,12 +115,21 @@ def test_metrics_follow_the_official_rule_and_flip_rate():
     rows = []
     for eid, m, m_rev in (("e0", 2.0, 1.0), ("e1", 0.0, 0.0), ("e2", -1.0, -3.0)):
         for rev, margin in ((False, m), (True, m_rev)):
-            rows.append({"example_id": eid, "persona": "pair", "history": None, "reversed": rev,
-                         "policy_chosen": margin - 5.0, "policy_rejected": -4.0,
-                         "reference_chosen": -5.0, "reference_rejected": -4.0})
+            rows.append(
+                {
+                    "example_id": eid,
+                    "persona": "pair",
+                    "history": None,
+                    "reversed": rev,
+                    "policy_chosen": margin - 5.0,
+                    "policy_rejected": -4.0,
+                    "reference_chosen": -5.0,
+                    "reference_rejected": -4.0,
+                }
+            )
     table = pa.Table.from_pylist(rows)
     assert list(reward_margin(table.to_pydict())) == [2.0, 1.0, 0.0, 0.0, -1.0, -3.0]
-    m = metrics(table, EvalConfig(personas=["pair"]))
+    m = metrics(table, cpu_eval(personas=["pair"]))
     assert m["accuracy"] == pytest.approx(1 / 3) and m["n"] == 3 and m["persona"]["pair"]["ties"] == 1
     assert m["reversal"]["pair"]["accuracy"] == pytest.approx(1 / 3)
     assert m["reversal"]["pair"]["flip_rate"] == pytest.approx(2 / 3)
@@ -127,9 +154,10 @@ def recomputed_accuracy(out) -> dict:
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
-def test_psoups_ica_scores_match_metrics_and_self_reference_ties(ray_local, tiny_model_dir, reference_model,
-                                                                 psoups, tmp_path):
-    config = EvalConfig(personas=["pair"], max_examples=6, batch_size=4)
+def test_psoups_ica_scores_match_metrics_and_self_reference_ties(
+    ray_local, tiny_model_dir, reference_model, psoups, tmp_path
+):
+    config = cpu_eval(personas=["pair"], max_examples=6, pool=cpu_pool(4))
     out = tmp_path / "ica"
     figures = run_evaluation(config, psoups, "ica", str(tiny_model_dir), reference_model, out)
     written = json.loads((out / "metrics.json").read_text())
@@ -140,26 +168,54 @@ def test_psoups_ica_scores_match_metrics_and_self_reference_ties(ray_local, tiny
     assert acc[("pair", None, True)] == written["reversal"]["pair"]["accuracy"]
     assert 0.0 <= written["reversal"]["pair"]["flip_rate"] <= 1.0
     assert figures["accuracy"] == written["accuracy"]
-    # policy == reference (through the CLI): every reward is 0, a tie, never correct; nothing flips
-    main(["evaluate", "--benchmark", psoups, "--method", "ica", "--policy", str(tiny_model_dir),
-          "--out", str(tmp_path / "same"), "--persona", "pair", "--set", "evaluate.max_examples=6"])
+    # policy == reference, through the CLI on the code defaults (no --config, no cap: every row
+    # of the file is scored): every reward is 0, a tie, never correct; nothing flips
+    six = tmp_path / "six.json"
+    six.write_text(json.dumps(json.loads(open(psoups).read())[:6]))
+    main(
+        [
+            "evaluate",
+            "--benchmark",
+            str(six),
+            "--method",
+            "ica",
+            "--policy",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "same"),
+            "--persona",
+            "pair",
+        ]
+    )
     same = json.loads((tmp_path / "same" / "metrics.json").read_text())
     assert same["accuracy"] == 0.0 and same["persona"]["pair"]["ties"] == 6
     assert same["reversal"]["pair"] == {"accuracy": 0.0, "n": 6, "ties": 6, "flip_rate": 0.0}
 
 
-def test_pba_profiles_from_field_gold_and_inference(ray_local, tiny_model_dir, reference_model, psoups,
-                                                    alignx_test, tmp_path):
-    field = run_evaluation(EvalConfig(personas=["pair"], max_examples=3, reversal=False), psoups, "pba",
-                           str(tiny_model_dir), reference_model, tmp_path / "field")
+def test_pba_profiles_from_field_gold_and_inference(
+    ray_local, tiny_model_dir, reference_model, psoups, alignx_test, tmp_path
+):
+    field = run_evaluation(
+        cpu_eval(personas=["pair"], max_examples=3, reversal=False),
+        psoups,
+        "pba",
+        str(tiny_model_dir),
+        reference_model,
+        tmp_path / "field",
+    )
     scores = pq.read_table(tmp_path / "field" / "scores.parquet").to_pylist()
     raw = json.loads(open(psoups).read())
     assert [r["profile"] for r in scores] == [raw[i]["profile"] for i in range(3)]
     assert all(r["profile_source"] == "field" and raw[i]["profile"] in r["prompt_text"] for i, r in enumerate(scores))
     assert field["n"] == 3
 
-    config = EvalConfig(personas=["all"], history_sizes=[2, 4], profile_source="infer", reversal=False,
-                        direction_engine={"kind": "transformers", "model": str(tiny_model_dir)})
+    config = cpu_eval(
+        personas=["all"],
+        history_sizes=[2, 4],
+        profile_source="infer",
+        reversal=False,
+        direction_engine=cpu_engine(kind="transformers", model=str(tiny_model_dir)),
+    )
     inferred = run_evaluation(config, alignx_test, "pba", str(tiny_model_dir), reference_model, tmp_path / "infer")
     assert set(inferred["history"]) == {"2", "4"} and inferred["history"]["2"]["n"] == 4
     calibration = inferred["calibration"]  # inferred P~ against the rows' gold direction (d2 positive)
@@ -168,7 +224,13 @@ def test_pba_profiles_from_field_gold_and_inference(ray_local, tiny_model_dir, r
     for key, acc in recomputed_accuracy(tmp_path / "infer").items():
         assert acc == inferred["history"][str(key[1])]["accuracy"]
 
-    gold = run_evaluation(config.model_copy(update={"profile_source": "gold"}), alignx_test, "pba",
-                          str(tiny_model_dir), reference_model, tmp_path / "gold")
+    gold = run_evaluation(
+        config.model_copy(update={"profile_source": "gold"}),
+        alignx_test,
+        "pba",
+        str(tiny_model_dir),
+        reference_model,
+        tmp_path / "gold",
+    )
     profiles = {r["profile"] for r in pq.read_table(tmp_path / "gold" / "scores.parquet").to_pylist()}
     assert profiles == {SPACE[2].positive} and "calibration" not in gold

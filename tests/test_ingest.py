@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignx_ray.ingest import IngestConfig, Located, Validator, ingest_records, read_records, run_ingest
+from alignx_ray.build.ingest import IngestConfig, Located, Validator, ingest_records, read_records, run_ingest
 
 
 def words(text: str) -> int:
@@ -22,8 +22,11 @@ def validate(records, **config):
     return ingest_records(records, Validator(cfg, words, first_words))
 
 
-GOOD = {"thread_id": "t1", "post": "How do I fix a squeaky door?", "responses": [
-    {"response_id": "a", "text": "Oil the hinges."}, {"text": "Tighten the screws first."}]}
+GOOD = {
+    "thread_id": "t1",
+    "post": "How do I fix a squeaky door?",
+    "responses": [{"response_id": "a", "text": "Oil the hinges."}, {"text": "Tighten the screws first."}],
+}
 
 # (jsonl line, expected reason) — one per kind of malformed input.
 BAD_LINES = [
@@ -39,20 +42,27 @@ BAD_LINES = [
     (json.dumps({"thread_id": "t5", "post": "p " * 60, "responses": [{"text": "r"}]}).encode(), "post_too_long"),
     (json.dumps({"thread_id": "t6", "post": "p"}).encode(), "missing_responses"),
     (json.dumps({"thread_id": "t7", "post": "p", "responses": "r"}).encode(), "bad_type_responses"),
-    (json.dumps({"thread_id": "t8", "post": "bad \ud800 text", "responses": [{"text": "r"}]}).encode(),
-     "bad_encoding_post"),
+    (
+        json.dumps({"thread_id": "t8", "post": "bad \ud800 text", "responses": [{"text": "r"}]}).encode(),
+        "bad_encoding_post",
+    ),
     (json.dumps({"thread_id": "t9", "post": "p", "responses": ["r"]}).encode(), "bad_type_response"),
     (json.dumps({"thread_id": "t10", "post": "p", "responses": [{"response_id": "z"}]}).encode(), "missing_response"),
     (json.dumps({"thread_id": "t11", "post": "p", "responses": [{"text": ""}]}).encode(), "empty_response"),
     (json.dumps({"thread_id": "t12", "post": "p", "responses": [{"text": 3.5}]}).encode(), "bad_type_response"),
-    (json.dumps({"thread_id": "t13", "post": "p", "responses": [{"text": "w " * 30}]}).encode(),
-     "response_too_long"),
-    (json.dumps({"thread_id": "t14", "post": "p", "responses": [{"response_id": "a", "text": "r"}]}).encode(),
-     "duplicate_response_id"),
-    (json.dumps({"thread_id": "t15", "post": "p", "responses": [{"response_id": None, "text": "r"}]}).encode(),
-     "bad_type_response_id"),
-    (json.dumps({"thread_id": "t16", "post": "p", "responses": [{"text": "mis\ufffddecoded"}]}).encode(),
-     "bad_encoding_response"),
+    (json.dumps({"thread_id": "t13", "post": "p", "responses": [{"text": "w " * 30}]}).encode(), "response_too_long"),
+    (
+        json.dumps({"thread_id": "t14", "post": "p", "responses": [{"response_id": "a", "text": "r"}]}).encode(),
+        "duplicate_response_id",
+    ),
+    (
+        json.dumps({"thread_id": "t15", "post": "p", "responses": [{"response_id": None, "text": "r"}]}).encode(),
+        "bad_type_response_id",
+    ),
+    (
+        json.dumps({"thread_id": "t16", "post": "p", "responses": [{"text": "mis\ufffddecoded"}]}).encode(),
+        "bad_encoding_response",
+    ),
 ]
 
 
@@ -83,19 +93,44 @@ def test_truncation_instead_of_rejection():
 
 def test_shp_rows_group_into_threads(tmp_path):
     rows = [
-        {"post_id": "p1", "history": "Which pan?", "c_root_id_A": "c1", "c_root_id_B": "c2",
-         "human_ref_A": "Cast iron.", "human_ref_B": "Steel.", "labels": 1},
-        {"post_id": "p1", "history": "Which pan?", "c_root_id_A": "c1", "c_root_id_B": "c3",
-         "human_ref_A": "Cast iron.", "human_ref_B": "Non-stick.", "labels": 0},
-        {"post_id": "p2", "history": "Best knife?", "c_root_id_A": "c4", "c_root_id_B": "c5",
-         "human_ref_A": "Chef's knife.", "human_ref_B": "", "labels": 1},
+        {
+            "post_id": "p1",
+            "history": "Which pan?",
+            "c_root_id_A": "c1",
+            "c_root_id_B": "c2",
+            "human_ref_A": "Cast iron.",
+            "human_ref_B": "Steel.",
+            "labels": 1,
+        },
+        {
+            "post_id": "p1",
+            "history": "Which pan?",
+            "c_root_id_A": "c1",
+            "c_root_id_B": "c3",
+            "human_ref_A": "Cast iron.",
+            "human_ref_B": "Non-stick.",
+            "labels": 0,
+        },
+        {
+            "post_id": "p2",
+            "history": "Best knife?",
+            "c_root_id_A": "c4",
+            "c_root_id_B": "c5",
+            "human_ref_A": "Chef's knife.",
+            "human_ref_B": "",
+            "labels": 1,
+        },
         {"post_id": "p3", "history": "Broken row"},
     ]
     path = tmp_path / "shp.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     result = validate(read_records(str(path)))
     assert [(r["thread_id"], r["response_id"], r["response"]) for r in result.responses] == [
-        ("p1", "c1", "Cast iron."), ("p1", "c2", "Steel."), ("p1", "c3", "Non-stick."), ("p2", "c4", "Chef's knife.")]
+        ("p1", "c1", "Cast iron."),
+        ("p1", "c2", "Steel."),
+        ("p1", "c3", "Non-stick."),
+        ("p2", "c4", "Chef's knife."),
+    ]
     assert sorted(r["reason"] for r in result.rejected) == ["bad_shp_row", "empty_response"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from cpu import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -35,14 +35,36 @@ def head():
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp}", "--disable-usage-stats",
-         # every port of its own: the defaults are taken by the session's local instance
-         *(f"--{flag}={free_port()}" for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
-                                                   "dashboard-agent-grpc-port", "metrics-export-port",
-                                                   "runtime-env-agent-port"))],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+            # every port of its own: the defaults are taken by the session's local instance
+            *(
+                f"--{flag}={free_port()}"
+                for flag in (
+                    "ray-client-server-port",
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "metrics-export-port",
+                    "runtime-env-agent-port",
+                )
+            ),
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
     try:
@@ -84,16 +106,22 @@ def annotations(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def job_config(tmp_path_factory, annotator_dir):
-    path = tmp_path_factory.mktemp("job") / "config.yaml"
-    path.write_text(yaml.safe_dump({
+    changes = {
         "ray": {"num_cpus": None},
         "threads": {"n_threads": 8, "seed": 11, "responses_per_thread": [3, 5]},
         "ingest": {"shard_rows": 4},
-        "annotate": {"engine": {"kind": "transformers", "model": str(annotator_dir)}, "batch_responses": 2},
-        "build": {"personas": {"items": 4}, "demographics_enabled": False,
-                  "assemble": {"test_per_cell": 1, "test_items": 2}},
-    }))
-    return path
+        "annotate": {
+            "engine": {"kind": "transformers", "model": str(annotator_dir)},
+            "pool": {"batch_size": 2, "num_cpus": 1},
+        },
+        "build": {
+            "pairs": {"pairs_per_thread": 1},
+            "personas": {"items": 4},
+            "demographics_enabled": False,
+            "assemble": {"test_per_cell": 1, "test_max": None, "test_items": 2},
+        },
+    }
+    return write_config(tmp_path_factory.mktemp("job") / "config.yaml", changes)
 
 
 def test_submitted_jobs_annotate_then_build(head, job_config, tmp_path):

@@ -4,13 +4,13 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from cpu import DEMO, DEMO_YAML
 
-from alignx_ray import prompts
-from alignx_ray.judge import (
+from alignx_ray.common import prompts
+from alignx_ray.evaluate.judge import (
     BINARY_CHOICE_SCHEMA,
     CHOICE_SCHEMA,
     OUTCOMES,
-    JudgeConfig,
     binary_choice,
     binary_choice_accuracy,
     generate_responses,
@@ -21,20 +21,23 @@ from alignx_ray.judge import (
 )
 
 
-@pytest.mark.parametrize("text, allow_tie, expected", [
-    ('{"choice": "Response A"}', True, "A"),
-    (' \n{ "choice" :\t"Response B" }\n', False, "B"),
-    ('{"choice": "Tie"}', True, "tie"),
-    ('{"choice": "Tie"}', False, None),
-    ('{"choice": "response a"}', True, None),
-    ('{"choice": "A"}', True, None),
-    ('{"choice": ["Response A"]}', True, None),
-    ('{"verdict": "Response A"}', True, None),
-    ('{"choice": "Response A"', True, None),
-    ('["Response A"]', True, None),
-    ("Response A", True, None),
-    ("", True, None),
-])
+@pytest.mark.parametrize(
+    "text, allow_tie, expected",
+    [
+        ('{"choice": "Response A"}', True, "A"),
+        (' \n{ "choice" :\t"Response B" }\n', False, "B"),
+        ('{"choice": "Tie"}', True, "tie"),
+        ('{"choice": "Tie"}', False, None),
+        ('{"choice": "response a"}', True, None),
+        ('{"choice": "A"}', True, None),
+        ('{"choice": ["Response A"]}', True, None),
+        ('{"verdict": "Response A"}', True, None),
+        ('{"choice": "Response A"', True, None),
+        ('["Response A"]', True, None),
+        ("Response A", True, None),
+        ("", True, None),
+    ],
+)
 def test_parse_choice(text, allow_tie, expected):
     assert parse_choice(text, allow_tie) == expected
 
@@ -56,8 +59,7 @@ def test_win_rate_counts_ties_and_invalid_outside_the_rate():
 
 
 def test_binary_choice_accuracy_counts_invalid_as_wrong():
-    assert binary_choice_accuracy([True, False, None, True]) == {"n": 4, "correct": 2, "n_invalid": 1,
-                                                                 "accuracy": 0.5}
+    assert binary_choice_accuracy([True, False, None, True]) == {"n": 4, "correct": 2, "n_invalid": 1, "accuracy": 0.5}
     assert binary_choice_accuracy([])["accuracy"] is None
 
 
@@ -82,9 +84,9 @@ def flipped_ids(ids: list[str], seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
-    from alignx_ray.engines import VllmGenerator
+    from alignx_ray.engines.generation import VllmGenerator
 
-    return VllmGenerator(JudgeConfig().engine, str(tiny_model_dir))
+    return VllmGenerator(DEMO.judge.engine, str(tiny_model_dir))
 
 
 def test_judge_and_binary_choice_on_vllm(generator, tiny_tokenizer):
@@ -94,7 +96,7 @@ def test_judge_and_binary_choice_on_vllm(generator, tiny_tokenizer):
     This model's greedy judge always says Tie, so binary choice (same position mapping, no Tie)
     is where the mirror meets real wins and losses."""
     templates = prompts.PromptTemplates()
-    greedy = JudgeConfig(generation_max_tokens=12)
+    greedy = DEMO.judge.model_copy(update={"generation_max_tokens": 12})
     assert greedy.temperature == 0.0
     sampled = greedy.model_copy(update={"temperature": 1.0})
     n = 6
@@ -120,8 +122,9 @@ def test_judge_and_binary_choice_on_vllm(generator, tiny_tokenizer):
 
     outcomes = judge(greedy, responses_a, responses_b, ids)
     assert len(outcomes) == n and set(outcomes) <= {"win", "lose", "tie"}
-    assert judge(greedy, responses_b, responses_a, flipped) == [{"win": "lose", "lose": "win", "tie": "tie"}[o]
-                                                                 for o in outcomes]
+    assert judge(greedy, responses_b, responses_a, flipped) == [
+        {"win": "lose", "lose": "win", "tie": "tie"}[o] for o in outcomes
+    ]
     assert win_rate(outcomes)["n"] == n
 
     def choose(chosen, rejected, example_ids):
@@ -139,10 +142,27 @@ def test_judge_and_binary_choice_jobs_on_the_official_file(ray_local, tiny_model
     from alignx_ray.cli import main
 
     psoups = str(official_dir / "psoups_friendly_unfriendly.json")
-    common = ["--benchmark", psoups, "--set", "evaluate.max_examples=3", "--set", "judge.max_tokens=32"]
+    common = ["--config", str(DEMO_YAML), "--benchmark", psoups, "--set", "evaluate.max_examples=3"]
+    common += ["--set", "judge.max_tokens=32"]
     model = str(tiny_model_dir)
-    main(["judge", *common, "--model-a", model, "--method-a", "ica", "--model-b", model, "--method-b", "pba",
-          "--judge", model, "--out", str(tmp_path / "judge")])
+    main(
+        [
+            "judge",
+            *common,
+            "--model-a",
+            model,
+            "--method-a",
+            "ica",
+            "--model-b",
+            model,
+            "--method-b",
+            "pba",
+            "--judge",
+            model,
+            "--out",
+            str(tmp_path / "judge"),
+        ]
+    )
     wins = json.loads((tmp_path / "judge" / "judge.json").read_text())
     judged = pq.read_table(tmp_path / "judge" / "judgments.parquet").to_pydict()
     assert wins["n"] == 3 and sum(wins[o] for o in OUTCOMES) == 3 and judged["outcome"].count("win") == wins["win"]

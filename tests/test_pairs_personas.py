@@ -4,11 +4,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from alignx_ray import schema
-from alignx_ray.assemble import AssembleConfig, assemble_rows, select_test
-from alignx_ray.pairs import PairsConfig, cluster_thread, draw_pairs, intensity_embedding, seeded_rng, thread_pairs
-from alignx_ray.personas import PersonaConfig, Pool, consistent, example_consistent, persona_rows, vote
-from alignx_ray.retrieval import LevelIndex, min_equal_dims, same_neighbours
+from alignx_ray.build.assemble import AssembleConfig, assemble_rows, select_test
+from alignx_ray.build.pairs import PairsConfig, cluster_thread, draw_pairs, thread_pairs
+from alignx_ray.build.personas import PersonaConfig, Pool, consistent, example_consistent, persona_rows, vote
+from alignx_ray.common import schema
+from alignx_ray.common.seeding import seeded_rng
+from alignx_ray.common.space import intensity_embedding
+from alignx_ray.engines.retrieval import LevelIndex, min_equal_dims, same_neighbours
 
 D = 90
 
@@ -22,9 +24,16 @@ def levels_with(**set_dims) -> list[int]:
 
 def thread_table(thread_id: str, levels: list[list[int]], post="post") -> pa.Table:
     n = len(levels)
-    return pa.table({"thread_id": [thread_id] * n, "response_id": [f"{thread_id}-r{i}" for i in range(n)],
-                     "post": [post] * n, "response": [f"text {thread_id} {i}" for i in range(n)],
-                     "source": ["threads"] * n, "levels": pa.array(levels, pa.list_(pa.uint8()))})
+    return pa.table(
+        {
+            "thread_id": [thread_id] * n,
+            "response_id": [f"{thread_id}-r{i}" for i in range(n)],
+            "post": [post] * n,
+            "response": [f"text {thread_id} {i}" for i in range(n)],
+            "source": ["threads"] * n,
+            "levels": pa.array(levels, pa.list_(pa.uint8())),
+        }
+    )
 
 
 def test_intensity_embedding_dot_counts_equal_dimensions():
@@ -137,7 +146,7 @@ def corpus():
         lv = [profiles[i] for i in rng.permutation(4)[:3]]
         tables.append(thread_table(f"t{t:02d}", lv, post=f"post {t}"))
         pairs += thread_pairs(tables[-1], PairsConfig(pairs_per_thread=2))[0]
-    from alignx_ray.pairs import PAIRS_SCHEMA
+    from alignx_ray.common.schema import PAIRS_SCHEMA
 
     return pa.concat_tables(tables), pa.Table.from_pylist(pairs, PAIRS_SCHEMA)
 
@@ -166,17 +175,22 @@ def test_personas_respect_threshold_thread_and_consistency(corpus):
         assert other.to_pylist() == out, kind
     # Fewer candidates than rows: the tie at the cut is dropped, so the indexes still agree.
     few = PersonaConfig(items=5, candidates=40)
-    cut = [persona_rows(pairs, pool_r, pool_p, (pool_r.index(kind), pool_p.index(kind)), few).to_pylist()
-           for kind in ("flat_ip", "fastscan", "binary")]
+    cut = [
+        persona_rows(pairs, pool_r, pool_p, (pool_r.index(kind), pool_p.index(kind)), few).to_pylist()
+        for kind in ("flat_ip", "fastscan", "binary")
+    ]
     assert cut[0] == cut[1] == cut[2] and cut[0] != out
 
 
 def joined(corpus, demo=None):
     responses, pairs = corpus
     pool_r, pool_p = Pool.of_responses(responses), Pool.of_pairs(pairs)
-    personas = persona_rows(pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")),
-                            PersonaConfig(items=6))
-    rows = [{**p, **q, "demo_text": None, "demo_direction": demo} for p, q in zip(pairs.to_pylist(), personas.to_pylist())]
+    personas = persona_rows(
+        pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")), PersonaConfig(items=6)
+    )
+    rows = [
+        {**p, **q, "demo_text": None, "demo_direction": demo} for p, q in zip(pairs.to_pylist(), personas.to_pylist())
+    ]
     return rows
 
 
@@ -202,12 +216,14 @@ def test_assemble_splits_are_balanced_disjoint_and_official(corpus):
             d, v = test[e["example_id"]]
             assert e[schema.DIRECTION][d] == v and e["prompt"] not in train_prompts
         r = by_id[e["example_id"]]
-        assert example_consistent(np.array(r["direction"]), [np.array(r["ugc_direction"]), np.array(r["pair_direction"])])
+        assert example_consistent(
+            np.array(r["direction"]), [np.array(r["ugc_direction"]), np.array(r["pair_direction"])]
+        )
     assert schema.to_official(examples).num_rows == examples.num_rows
     # A cap stops adding dimensions once reached: fewer examples, cells still balanced.
     capped = select_test(rows, AssembleConfig(test_per_cell=2, test_items=4, test_max=2))
     dims = sorted({d for d, _ in capped.values()})
-    assert 2 <= len(capped) < len(test) and dims == sorted({d for d, _ in test.values()})[:len(dims)]
+    assert 2 <= len(capped) < len(test) and dims == sorted({d for d, _ in test.values()})[: len(dims)]
     for d in dims:
         directions = [v for dim, v in capped.values() if dim == d]
         assert directions.count(1.0) == directions.count(0.0)
@@ -220,8 +236,15 @@ def test_inconsistent_demographic_rejects_the_example(corpus):
 
 
 def test_official_reader_checks_dimensions():
-    row = {schema.PROMPT: "p", schema.CHOSEN: "a", schema.REJECTED: "b", schema.DIRECTION: [0.5] * 89,
-           schema.DEMOGRAPHIC: "", schema.UGC: [], schema.PAIR: []}
+    row = {
+        schema.PROMPT: "p",
+        schema.CHOSEN: "a",
+        schema.REJECTED: "b",
+        schema.DIRECTION: [0.5] * 89,
+        schema.DEMOGRAPHIC: "",
+        schema.UGC: [],
+        schema.PAIR: [],
+    }
     with pytest.raises(ValueError, match="row 0"):
         schema.to_official(pa.Table.from_pylist([row]))
     row[schema.DIRECTION] = [0.5] * 90

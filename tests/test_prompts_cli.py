@@ -6,20 +6,23 @@ import sys
 
 import pytest
 
-from alignx_ray import prompts
-from alignx_ray.config import load_config
-from alignx_ray.pipeline import RunConfig
-from alignx_ray.space import SPACE
+from alignx_ray.common import prompts
+from alignx_ray.common.config import load_config
+from alignx_ray.common.space import SPACE
+from alignx_ray.run import RunConfig
 
 T = prompts.PromptTemplates()
 
 
 def test_ica_prompt_string_is_pinned(tiny_tokenizer):
     text = prompts.ica_prompt(
-        tiny_tokenizer, T, "Which pan?",
+        tiny_tokenizer,
+        T,
+        "Which pan?",
         ugc=[{"prompt": "Best knife?", "comment": "A chef's knife."}],
         pairs=[{"prompt": "Tea or coffee?", "chosen": "Tea.", "rejected": "Coffee."}],
-        demographic="A young cook who likes gourmet food.")
+        demographic="A young cook who likes gourmet food.",
+    )
     assert text == (
         "<|im_start|>system\nGenerate a task-specific response based on user historical behavior and preferences.\n"
         "<|im_end|>\n<|im_start|>user\n***Task***\n\n**Post:**\nWhich pan?\n\n"
@@ -27,7 +30,8 @@ def test_ica_prompt_string_is_pinned(tiny_tokenizer):
         "**This person has commented on some posts:**\n\n1. *Post:*\nBest knife?\n\n*Comment:*\nA chef's knife.\n\n"
         "**This person has chosen or rejected comments on some posts:**\n\n"
         "1. *Post:*\nTea or coffee?\n\n*Chosen:*\nTea.\n\n*Rejected:*\nCoffee.\n\n"
-        "**This person's persona is:**\n\nA young cook who likes gourmet food.\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n")
+        "**This person's persona is:**\n\nA young cook who likes gourmet food.\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_pba_prompt_string_is_pinned(tiny_tokenizer):
@@ -35,7 +39,8 @@ def test_pba_prompt_string_is_pinned(tiny_tokenizer):
     assert text == (
         "<|im_start|>system\nGenerate a task-specific response based on user preferences.\n<|im_end|>\n"
         "<|im_start|>user\n***Task***\n\n**Post:**\nWhich pan?\n\n***User Preferences***\n\n"
-        "Low Agreeableness, Likes gourmet food\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n")
+        "Low Agreeableness, Likes gourmet food\n\n***Response:***\n\n<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_demographic_prompt_lists_48_dimensions_and_43_keywords():
@@ -64,16 +69,16 @@ def test_few_shot_example_and_overrides():
 
 def test_config_overrides_and_unknown_keys(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("annotate:\n  batch_responses: 3\n")
+    path.write_text("annotate:\n  pool:\n    batch_size: 3\n")
     config = load_config(RunConfig, path, ["annotate.engine.kind=transformers", "ray.num_cpus=2"])
-    assert (config.annotate.batch_responses, config.annotate.engine.kind, config.ray.num_cpus) == (3, "transformers", 2)
+    assert (config.annotate.pool.batch_size, config.annotate.engine.kind, config.ray.num_cpus) == (3, "transformers", 2)
     path.write_text("annotate:\n  batch_size: 3\n")
     with pytest.raises(ValueError, match="batch_size"):
         load_config(RunConfig, path)
 
 
 def test_shipped_configs_load():
-    for name in ("configs/demo.yaml", "configs/annotate-qwen14b.yaml"):
+    for name in ("configs/demo.yaml", "configs/annotate-qwen14b.yaml", "configs/train.yaml", "configs/evaluate.yaml"):
         assert isinstance(load_config(RunConfig, name), RunConfig)
 
 
@@ -89,3 +94,22 @@ def test_cli_help_and_profile_round_trip():
     vector = json.loads(alignx("profile", text).stdout)
     assert len(vector) == 90 and vector[0] == 0.0 and vector[15] == 0.0 and vector[73] == 1.0
     assert alignx("profile", "--vector", json.dumps(vector)).stdout.strip() == text
+
+
+def test_stage_commands_run_on_the_code_defaults_and_take_input(tmp_path):
+    """No --config: the code defaults (production's), never the demo's; --input replaces the
+    config's ingest.input; evaluate caps nothing unless asked."""
+    from alignx_ray.cli import _run, build_parser
+
+    parser = build_parser()
+    for command in ("annotate", "build"):
+        args = parser.parse_args([command, "--input", "threads.jsonl", "--run-dir", str(tmp_path)])
+        run = _run(args)
+        assert run.config.ingest.input == "threads.jsonl" and run.run_dir == tmp_path
+        assert run.config.model_copy(update={"ingest": RunConfig().ingest}) == RunConfig()
+        assert run.config.annotate.pool.num_gpus == 1 and run.config.evaluate.max_examples is None
+    args = parser.parse_args(["evaluate", "--benchmark", "b.json", "--method", "pba", "--policy", "p", "--out", "o"])
+    assert args.config is None and args.max_examples is None
+    assert parser.parse_args(["demo"]).config == "configs/demo.yaml"
+    with pytest.raises(SystemExit):  # the method is always named
+        parser.parse_args(["train"])

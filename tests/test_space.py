@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from alignx_ray import space as sp
-from alignx_ray.space import (
+from alignx_ray.common import space as sp
+from alignx_ray.common.space import (
     CANNOT_REFLECT,
     DIMENSIONS,
     SPACE,
@@ -55,9 +55,7 @@ def make_dimension(name, positive, negative):
 
 
 HUMOR = make_dimension("Humor", "Prefers witty responses", "Prefers serious responses")
-PRAGMATISM = make_dimension(
-    "Pragmatism", "Prefers practical advice", "Prefers theoretical discussion"
-)
+PRAGMATISM = make_dimension("Pragmatism", "Prefers practical advice", "Prefers theoretical discussion")
 
 
 # --- dimension data -------------------------------------------------------------------
@@ -99,8 +97,7 @@ def test_intensity_questions_use_prompt_form():
     neuroticism = DIMENSIONS[2]
     assert neuroticism.name == "Degree of Neuroticism in the Big Five personality traits"
     assert neuroticism.question == (
-        "What does this comment suggest about the commenter's Neuroticism"
-        " in the Big Five personality traits?"
+        "What does this comment suggest about the commenter's Neuroticism in the Big Five personality traits?"
     )
     assert neuroticism.options[:2] == ("High Neuroticism", "Low Neuroticism")
     assert DIMENSIONS[14].options[:2] == (
@@ -129,9 +126,7 @@ def test_keyword_dimensions_are_the_platform_tags():
     assert tags == tuple(d for d in DIMENSIONS if d.group == "platform")
     for tag in tags:
         assert tag.name == tag.keyword and tag.demo_labels is None
-        assert tag.question == (
-            f'Does this comment indicate that the commenter likes or dislikes "{tag.keyword}"?'
-        )
+        assert tag.question == (f'Does this comment indicate that the commenter likes or dislikes "{tag.keyword}"?')
         assert tag.options[:2] == ("Likes", "Dislikes")
         assert (tag.positive, tag.negative) == (f"Likes {tag.keyword}", f"Dislikes {tag.keyword}")
 
@@ -184,9 +179,7 @@ def test_random_directions_round_trip():
 
 def test_comma_labels_parse_as_one_dimension():
     assert {14, 15, 22} <= set(COMMA_LABEL_DIMS)
-    text = (
-        "Prefers avoidance, mediation, compromise to handle conflict, Detailed communication style"
-    )
+    text = "Prefers avoidance, mediation, compromise to handle conflict, Detailed communication style"
     direction = parse_profile(text)
     assert direction[15] == 0.0 and direction[16] == 0.0
     assert sum(value != 0.5 for value in direction) == 2
@@ -194,8 +187,7 @@ def test_comma_labels_parse_as_one_dimension():
 
 def test_parser_backtracks_out_of_a_wrong_early_match():
     space = PreferenceSpace(
-        [make_dimension("A", "a", "not a"), make_dimension("B", "a, b", "not b"),
-         make_dimension("C", "c", "not c")]
+        [make_dimension("A", "a", "not a"), make_dimension("B", "a, b", "not b"), make_dimension("C", "c", "not c")]
     )
     assert space.parse_profile("a, b, c") == [0.5, 1.0, 1.0]
     assert space.parse_profile("a, c") == [1.0, 0.5, 1.0]
@@ -228,9 +220,7 @@ def test_describe_uses_positive_and_negative_labels_in_space_order():
     assert describe_direction(np.array(direction)) == "Older, High Neuroticism, Likes fashion"
 
 
-@pytest.mark.parametrize(
-    "bad", [[0.5] * 89, [0.5] * 91, [0.3] + [0.5] * 89, [math.nan] + [0.5] * 89]
-)
+@pytest.mark.parametrize("bad", [[0.5] * 89, [0.5] * 91, [0.3] + [0.5] * 89, [math.nan] + [0.5] * 89])
 def test_describe_rejects_bad_vectors(bad):
     with pytest.raises(ValueError):
         describe_direction(bad)
@@ -337,7 +327,7 @@ def test_space_and_dimensions_are_immutable():
 def test_space_pickles_for_ray_actors():
     import pickle
 
-    from alignx_ray.space import SPACE
+    from alignx_ray.common.space import SPACE
 
     restored = pickle.loads(pickle.dumps(SPACE))
     assert restored.names == SPACE.names and restored[1].demo_labels == SPACE[1].demo_labels

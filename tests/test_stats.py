@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from alignx_ray.schema import DIRECTION, DIRECTION_TYPE
-from alignx_ray.space import SPACE
-from alignx_ray.stats import dataset_statistics, directions_from_table, write_statistics
+from alignx_ray.build.stats import dataset_statistics, directions_from_table, write_statistics
+from alignx_ray.common.schema import DIRECTION, DIRECTION_TYPE
+from alignx_ray.common.space import SPACE
 
 pytestmark = pytest.mark.filterwarnings("error")  # constant dimensions must not divide by zero
 

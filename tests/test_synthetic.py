@@ -6,8 +6,8 @@ from collections import defaultdict
 import pyarrow.parquet as pq
 import pytest
 
-from alignx_ray import synthetic
-from alignx_ray.synthetic import HIGH, LOW, NEUTRAL, N_DIMS, SyntheticConfig
+from alignx_ray.fixtures import synthetic
+from alignx_ray.fixtures.synthetic import HIGH, LOW, N_DIMS, NEUTRAL, SyntheticConfig
 
 SMALL = SyntheticConfig(n_threads=40, n_users=15, seed=7)
 

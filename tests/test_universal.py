@@ -6,16 +6,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignx_ray.ingest import REJECTED_SCHEMA, Located, read_records
-from alignx_ray.space import CANNOT_REFLECT, DIMENSIONS, SPACE, Dimension, PreferenceSpace
-from alignx_ray.pairs import PAIRS_SCHEMA
-from alignx_ray.universal import read_universal, universal_pairs
+from alignx_ray.build.ingest import Located, read_records
+from alignx_ray.build.public_pairs import read_universal, universal_pairs
+from alignx_ray.common.schema import PAIRS_SCHEMA, REJECTED_SCHEMA
+from alignx_ray.common.space import CANNOT_REFLECT, DIMENSIONS, SPACE, Dimension, PreferenceSpace
 
 # Written out rather than taken from the module, so a wrong mapping fails here.
 DIMENSION_OF = {
     value: SPACE.names.index(f"Degree of concern for the {value} of the statement")
-    for value in ("harmlessness", "instruction-following", "honesty", "truthfulness", "helpfulness",
-                  "coherence", "complexity")
+    for value in (
+        "harmlessness",
+        "instruction-following",
+        "honesty",
+        "truthfulness",
+        "helpfulness",
+        "coherence",
+        "complexity",
+    )
 }
 
 
@@ -44,11 +51,27 @@ def pairs_of(table):
 
 # PKU-SafeRLHF ---------------------------------------------------------------------------------
 
-def pku(prompt="How do I pick a lock?", r0="Here is how to force it.", r1="Call a licensed locksmith.",
-        safe0=False, safe1=True, safer=1, better=0):
-    return {"prompt": prompt, "response_0": r0, "response_1": r1, "is_response_0_safe": safe0,
-            "is_response_1_safe": safe1, "safer_response_id": safer, "better_response_id": better,
-            "response_0_severity_level": 2, "response_1_severity_level": 0}
+
+def pku(
+    prompt="How do I pick a lock?",
+    r0="Here is how to force it.",
+    r1="Call a licensed locksmith.",
+    safe0=False,
+    safe1=True,
+    safer=1,
+    better=0,
+):
+    return {
+        "prompt": prompt,
+        "response_0": r0,
+        "response_1": r1,
+        "is_response_0_safe": safe0,
+        "is_response_1_safe": safe1,
+        "safer_response_id": safer,
+        "better_response_id": better,
+        "response_0_severity_level": 2,
+        "response_1_severity_level": 0,
+    }
 
 
 PKU_GOOD = [
@@ -106,11 +129,16 @@ def test_ids_are_stable_and_follow_content_not_row_order(tmp_path):
     reordered, _ = read_universal(write_parquet(tmp_path / "pku.parquet", PKU_GOOD[::-1]), "pku_saferlhf")
     id_columns = ["pair_id", "thread_id", "chosen_id", "rejected_id"]
     assert sorted(reordered.select(id_columns).to_pylist(), key=str) == sorted(
-        first.select(id_columns).to_pylist(), key=str)
+        first.select(id_columns).to_pylist(), key=str
+    )
     ids = first.to_pylist()
     assert len({r["pair_id"] for r in ids}) == len({r["thread_id"] for r in ids}) == 3
-    assert all(r["pair_id"].startswith("pku_saferlhf-") and r["chosen_id"].startswith(r["thread_id"])
-               and r["chosen_id"] != r["rejected_id"] for r in ids)
+    assert all(
+        r["pair_id"].startswith("pku_saferlhf-")
+        and r["chosen_id"].startswith(r["thread_id"])
+        and r["chosen_id"] != r["rejected_id"]
+        for r in ids
+    )
     # Same prompt, other responses: same thread, another pair.
     other, _ = read_universal(write_jsonl(tmp_path / "other.jsonl", [pku(r0="Kick the door in.")]), "pku_saferlhf")
     assert other.column("thread_id")[0] == first.column("thread_id")[0]
@@ -119,30 +147,55 @@ def test_ids_are_stable_and_follow_content_not_row_order(tmp_path):
 
 # UltraFeedback --------------------------------------------------------------------------------
 
+
 def completion(text, helpfulness, honesty, instruction_following, truthfulness):
-    ratings = {"helpfulness": helpfulness, "honesty": honesty, "instruction_following": instruction_following,
-               "truthfulness": truthfulness}
-    return {"model": "some-model", "response": text,
-            "annotations": {aspect: {"Rating": rating, "Rationale": "because"} for aspect, rating in ratings.items()}}
+    ratings = {
+        "helpfulness": helpfulness,
+        "honesty": honesty,
+        "instruction_following": instruction_following,
+        "truthfulness": truthfulness,
+    }
+    return {
+        "model": "some-model",
+        "response": text,
+        "annotations": {aspect: {"Rating": rating, "Rationale": "because"} for aspect, rating in ratings.items()},
+    }
 
 
 UF_GOOD = [
     # helpfulness nominates (A, B) (gap 3, summed gap 5); instruction_following nominates (A, C)
     # (gap 4, the widest single gap, but summed gap 4): the summed gap picks (A, B).
-    {"instruction": "Explain photosynthesis.", "completions": [
-        completion("A", "5", "4", "5", "3"), completion("B", "2", "4", "3", "N/A"),
-        completion("C", "4", "5", "1", "3")]},
+    {
+        "instruction": "Explain photosynthesis.",
+        "completions": [
+            completion("A", "5", "4", "5", "3"),
+            completion("B", "2", "4", "3", "N/A"),
+            completion("C", "4", "5", "1", "3"),
+        ],
+    },
     # Summed gap -5: the second completion is chosen although helpfulness nominated the pair.
-    {"instruction": "Write a haiku.", "completions": [
-        completion("Long essay.", "5", "1", "1", "1"), completion("Old pond, frog.", "1", "4", "4", "4")]},
+    {
+        "instruction": "Write a haiku.",
+        "completions": [
+            completion("Long essay.", "5", "1", "1", "1"),
+            completion("Old pond, frog.", "1", "4", "4", "4"),
+        ],
+    },
     # Summed gap 0: the first aspect that differs (helpfulness) orients the pair.
-    {"instruction": "Name a prime.", "completions": [
-        completion("Seven.", "5", "1", "3", "3"), completion("Nine, I think.", "1", "5", "3", "3")]},
+    {
+        "instruction": "Name a prime.",
+        "completions": [completion("Seven.", "5", "1", "3", "3"), completion("Nine, I think.", "1", "5", "3", "3")],
+    },
     # helpfulness nominates (A, B) (gap 4, summed gap 4), honesty (A, C) (gap 2, summed gap -5):
     # the later nominee wins on its summed gap, and C, the higher sum, is chosen.
-    {"instruction": "Plan a trip.", "completions": [
-        completion("Go to Rome.", "5", "3", "3", "3"), completion("Stay home.", "1", "3", "3", "3"),
-        completion("Rome in May, by train.", "4", "5", "5", "5")]},
+    {
+        "instruction": "Plan a trip.",
+        "completions": [
+            completion("Go to Rome.", "5", "3", "3", "3"),
+            completion("Stay home.", "1", "3", "3", "3"),
+            completion("Rome in May, by train.", "4", "5", "5", "5"),
+        ],
+    },
 ]
 
 
@@ -150,8 +203,10 @@ def test_ultrafeedback_pairs_and_directions(tmp_path):
     pairs, rejected = read_universal(write_parquet(tmp_path / "uf.parquet", UF_GOOD), "ultrafeedback")
     assert rejected.num_rows == 0
     assert pairs_of(pairs) == [
-        ("Explain photosynthesis.", "A", "B"), ("Write a haiku.", "Old pond, frog.", "Long essay."),
-        ("Name a prime.", "Seven.", "Nine, I think."), ("Plan a trip.", "Rome in May, by train.", "Go to Rome."),
+        ("Explain photosynthesis.", "A", "B"),
+        ("Write a haiku.", "Old pond, frog.", "Long essay."),
+        ("Name a prime.", "Seven.", "Nine, I think."),
+        ("Plan a trip.", "Rome in May, by train.", "Go to Rome."),
     ]
     assert pairs.column("direction").to_pylist() == [
         expected_direction(helpfulness=1.0, honesty=0.5, instruction_following=1.0, truthfulness=0.5),
@@ -166,20 +221,52 @@ UF_BAD = [
     ({"instruction": "q", "completions": "A or B"}, "bad_type_completions"),
     ({"instruction": "q", "completions": [completion("A", "5", "4", "5", "3")]}, "too_few_completions"),
     ({"instruction": "q", "completions": [completion("A", "5", "4", "5", "3"), "B"]}, "bad_type_completion"),
-    ({"instruction": "q", "completions": [completion("A", "5", "4", "5", "3"), completion("", "1", "1", "1", "1")]},
-     "empty_response"),
-    ({"instruction": "q", "completions": [completion("A", "4.5", "4", "5", "3"), completion("B", "1", "1", "1", "1")]},
-     "bad_rating"),
-    ({"instruction": "q", "completions": [completion("A", "6", "4", "5", "3"), completion("B", "1", "1", "1", "1")]},
-     "bad_rating"),
-    ({"instruction": "q", "completions": [
-        completion("A", "5", "4", "5", "3"),
-        {"response": "B", "annotations": {"helpfulness": {"Rating": "1"}, "honesty": {"Rating": "1"},
-                                          "truthfulness": {"Rating": "1"}}}]}, "missing_rating"),
-    ({"instruction": "q", "completions": [completion("A", "3", "N/A", "3", "3"), completion("B", "3", "5", "3", "3")]},
-     "no_preference"),
-    ({"instruction": "q", "completions": [completion("A", "5", "5", "5", "5"), completion(" A", "1", "1", "1", "1")]},
-     "equal_texts"),
+    (
+        {"instruction": "q", "completions": [completion("A", "5", "4", "5", "3"), completion("", "1", "1", "1", "1")]},
+        "empty_response",
+    ),
+    (
+        {
+            "instruction": "q",
+            "completions": [completion("A", "4.5", "4", "5", "3"), completion("B", "1", "1", "1", "1")],
+        },
+        "bad_rating",
+    ),
+    (
+        {"instruction": "q", "completions": [completion("A", "6", "4", "5", "3"), completion("B", "1", "1", "1", "1")]},
+        "bad_rating",
+    ),
+    (
+        {
+            "instruction": "q",
+            "completions": [
+                completion("A", "5", "4", "5", "3"),
+                {
+                    "response": "B",
+                    "annotations": {
+                        "helpfulness": {"Rating": "1"},
+                        "honesty": {"Rating": "1"},
+                        "truthfulness": {"Rating": "1"},
+                    },
+                },
+            ],
+        },
+        "missing_rating",
+    ),
+    (
+        {
+            "instruction": "q",
+            "completions": [completion("A", "3", "N/A", "3", "3"), completion("B", "3", "5", "3", "3")],
+        },
+        "no_preference",
+    ),
+    (
+        {
+            "instruction": "q",
+            "completions": [completion("A", "5", "5", "5", "5"), completion(" A", "1", "1", "1", "1")],
+        },
+        "equal_texts",
+    ),
 ]
 
 
@@ -193,9 +280,17 @@ def test_ultrafeedback_rejections_and_accounting(tmp_path):
 
 # HelpSteer2 -----------------------------------------------------------------------------------
 
+
 def helpsteer(prompt, response, helpfulness, correctness, coherence, complexity, verbosity):
-    return {"prompt": prompt, "response": response, "helpfulness": helpfulness, "correctness": correctness,
-            "coherence": coherence, "complexity": complexity, "verbosity": verbosity}
+    return {
+        "prompt": prompt,
+        "response": response,
+        "helpfulness": helpfulness,
+        "correctness": correctness,
+        "coherence": coherence,
+        "complexity": complexity,
+        "verbosity": verbosity,
+    }
 
 
 HS_WELL_TYPED = [
@@ -234,8 +329,13 @@ def test_helpsteer2_pairs_directions_and_rejections(tmp_path):
     assert result.unmapped == {"verbosity": 1}
     reasons = [(r["reason"], json.loads(r["raw"]).get("response")) for r in result.rejected]
     assert reasons == [(reason, row.get("response")) for row, reason in HS_BAD] + [
-        ("not_selected", "r2"), ("single_response", "alone"), ("no_preference", "u0"), ("no_preference", "u1"),
-        ("equal_texts", "same"), ("equal_texts", " same")]
+        ("not_selected", "r2"),
+        ("single_response", "alone"),
+        ("no_preference", "u0"),
+        ("no_preference", "u1"),
+        ("equal_texts", "same"),
+        ("equal_texts", " same"),
+    ]
     # Two rows per pair, one rejected row per other row.
     assert result.used_rows == 4
     assert len(HS_WELL_TYPED) + len(HS_BAD) == result.used_rows + len(result.rejected)
@@ -243,10 +343,16 @@ def test_helpsteer2_pairs_directions_and_rejections(tmp_path):
 
 # Spaces and arguments -------------------------------------------------------------------------
 
+
 def test_directions_follow_an_extended_space(tmp_path):
-    puns = Dimension(name="Puns", group="extra", question="Does the commenter like puns?",
-                     options=("Likes puns", "Dislikes puns", CANNOT_REFLECT), positive="Enjoys puns",
-                     negative="Avoids puns")
+    puns = Dimension(
+        name="Puns",
+        group="extra",
+        question="Does the commenter like puns?",
+        options=("Likes puns", "Dislikes puns", CANNOT_REFLECT),
+        positive="Enjoys puns",
+        negative="Avoids puns",
+    )
     path = write_jsonl(tmp_path / "pku.jsonl", PKU_GOOD[:1])
     pairs, _ = read_universal(path, "pku_saferlhf", space=SPACE.extend([puns]))
     assert pairs.column("direction").to_pylist() == [expected_direction(size=91, harmlessness=1.0)]

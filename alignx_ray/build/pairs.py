@@ -1,0 +1,176 @@
+"""Preference pairs (paper §4.1 steps 2–3, Algorithm 1 lines 4–8).
+
+A response's intensity embedding is its one-hot levels, concatenated (D x L). Within each
+thread the embeddings are clustered with K-means (K = 3); a pair takes y_w and y_l uniformly
+from two distinct clusters, and its direction compares their levels per dimension
+(1 where y_w is stronger, 0 where weaker, 0.5 where equal). Every random choice is seeded
+from the thread id, so a resumed run draws the same pairs as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from alignx_ray.build.annotate import labelled_responses
+from alignx_ray.common.config import Section
+from alignx_ray.common.raydata import write_rejected
+from alignx_ray.common.schema import PAIRS_SCHEMA
+from alignx_ray.common.seeding import seeded_rng
+from alignx_ray.common.space import compare_levels, intensity_embedding
+
+
+class PairsConfig(Section):
+    """How pairs are drawn.
+
+    clusters: K of the per-thread K-means (the paper's 3).
+    pairs_per_thread: pairs drawn per thread (distinct response pairs; fewer when the thread
+        has fewer cross-cluster pairs).
+    kmeans_iterations: Lloyd iterations of the K-means.
+    seed: mixed with each thread id into that thread's random stream.
+    """
+
+    clusters: int = 3
+    pairs_per_thread: int = 1
+    kmeans_iterations: int = 25
+    seed: int = 0
+
+
+def cluster_thread(levels: np.ndarray, k: int, seed: int, iterations: int = 25) -> np.ndarray:
+    """Cluster label per response of one thread.
+
+    With at most k distinct level vectors each distinct vector is its own cluster (K-means
+    could not separate more, and this keeps tiny threads deterministic); otherwise FAISS
+    K-means over the embeddings, seeded.
+    """
+    import faiss
+
+    _, first, inverse = np.unique(levels, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(first) <= k:
+        order = np.argsort(np.argsort(first))  # number clusters by first appearance
+        return order[inverse]
+    x = intensity_embedding(levels)
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        min_points_per_centroid=1,
+        max_points_per_centroid=1 << 20,
+        verbose=False,
+    )
+    kmeans.train(x)
+    return kmeans.index.search(x, 1)[1].reshape(-1)
+
+
+def draw_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Up to `n_pairs` distinct (chosen, rejected) index pairs: two distinct clusters drawn
+    uniformly, then one response uniformly from each (Algorithm 1, lines 6–8)."""
+    clusters = np.unique(labels)
+    if len(clusters) < 2:
+        return []
+    members = {c: np.flatnonzero(labels == c) for c in clusters}
+    available = sum(len(members[a]) * len(members[b]) for a in clusters for b in clusters if a < b)
+    pairs: list[tuple[int, int]] = []
+    seen: set[frozenset] = set()
+    while len(pairs) < min(n_pairs, available):
+        won, lost = rng.choice(clusters, 2, replace=False)
+        chosen, rejected = int(rng.choice(members[won])), int(rng.choice(members[lost]))
+        if frozenset((chosen, rejected)) not in seen:
+            seen.add(frozenset((chosen, rejected)))
+            pairs.append((chosen, rejected))
+    return pairs
+
+
+def thread_pairs(thread: pa.Table, config: PairsConfig) -> tuple[list[dict], list[dict]]:
+    """Pairs of one thread's annotated responses -> (pair rows, rejected rows).
+
+    `thread` holds `thread_id, response_id, post, response, levels` of one thread, rows
+    sorted by response_id, so the draw does not depend on the order rows arrived in.
+    """
+    thread = thread.sort_by("response_id")
+    rows = thread.to_pylist()
+    thread_id = rows[0]["thread_id"]
+    levels = np.array([r["levels"] for r in rows], dtype=np.uint8)
+    rng = seeded_rng("pairs", config.seed, thread_id)
+    labels = cluster_thread(levels, config.clusters, int(rng.integers(1 << 31)), config.kmeans_iterations)
+    drawn = draw_pairs(labels, config.pairs_per_thread, rng)
+    if not drawn:
+        return [], [
+            {
+                "stage": "pairs",
+                "reason": "one_cluster",
+                "detail": f"{len(rows)} responses, all with the same levels",
+                "thread_id": thread_id,
+            }
+        ]
+    out, rejected = [], []
+    for chosen, rejected_ in drawn:
+        w, lose = rows[chosen], rows[rejected_]
+        direction = compare_levels(w["levels"], lose["levels"]).tolist()
+        pair_id = f"{w['response_id']}>{lose['response_id']}"
+        if all(d == 0.5 for d in direction):
+            rejected.append(
+                {"stage": "pairs", "reason": "no_non_neutral_dimension", "detail": pair_id, "thread_id": thread_id}
+            )
+            continue
+        out.append(
+            {
+                "pair_id": pair_id,
+                "thread_id": thread_id,
+                "prompt": w["post"],
+                "chosen_id": w["response_id"],
+                "rejected_id": lose["response_id"],
+                "chosen": w["response"],
+                "rejected": lose["response"],
+                "chosen_levels": w["levels"],
+                "rejected_levels": lose["levels"],
+                "direction": direction,
+                "source": w.get("source") or "threads",
+            }
+        )
+    return out, rejected
+
+
+def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
+    """Group by thread, draw pairs per thread (Ray Data `map_groups`), write pairs and rejects."""
+    started = time.time()
+    responses = labelled_responses(annotate_dir)
+
+    def per_thread(thread: pa.Table) -> pa.Table:
+        pairs, rejected = thread_pairs(thread, config)
+        rows = [{**p, "reject": None} for p in pairs] + [
+            {"thread_id": r["thread_id"], "reject": f"{r['reason']}: {r['detail']}"} for r in rejected
+        ]
+        return pa.Table.from_pylist(rows, PAIRS_SCHEMA.append(pa.field("reject", pa.string())))
+
+    out = ray.data.from_arrow(responses).groupby("thread_id").map_groups(per_thread, batch_format="pyarrow")
+    blocks = ray.get(out.to_arrow_refs())  # one execution
+    table = pa.concat_tables(blocks) if blocks else PAIRS_SCHEMA.append(pa.field("reject", pa.string())).empty_table()
+    good = table.filter(pc.is_null(table["reject"])).drop_columns(["reject"]).sort_by("pair_id")
+    bad = table.filter(pc.is_valid(table["reject"]))
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(good, out_dir / "data" / "pairs.parquet")
+    n_rejected = write_rejected(
+        out_dir,
+        "pairs",
+        [
+            {"stage": "pairs", "reason": r.split(":")[0], "detail": r, "thread_id": t}
+            for t, r in zip(bad["thread_id"].to_pylist(), bad["reject"].to_pylist())
+        ],
+    )
+    seconds = time.time() - started
+    return {
+        "responses_in": responses.num_rows,
+        "threads": len(pc.unique(responses["thread_id"])),
+        "pairs": good.num_rows,
+        "threads_rejected": n_rejected,
+        "seconds": round(seconds, 2),
+    }

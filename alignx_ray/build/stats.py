@@ -1,0 +1,298 @@
+"""Dataset statistics of Appendix A.1.1 / E: how diverse the preference directions are.
+
+The paper backs its claim of a diverse, largely independent 90-dimension space with four
+figures, all computed from the examples' `Preference Direction` column:
+
+* Figure 4, the Pearson correlation between the dimensions, and "99.65% of dimension pairs
+  have correlations below 0.5" (A.1.1);
+* "1,210,986 different preference directions in ALIGNX, accounting for 92.33% of the total
+  data" (E.1);
+* the distribution of positive / neutral / negative labels per dimension;
+* Table 13, "the data count for different combinations of 'Gender' and 'Succorance' at
+  varying intensities" (E.2), a check for societal bias.
+
+`dataset_statistics` computes them over a NumPy matrix; `write_statistics` also draws the
+figures and the markdown for the run report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from alignx_ray.common.schema import DIRECTION
+from alignx_ray.common.space import NEGATIVE, NEUTRAL, POSITIVE, SPACE, PreferenceSpace
+
+CORRELATION_THRESHOLD = 0.5
+GENDER_NAME = "Gender"
+SUCCORANCE_PREFIX = "Need for Succorance"
+LABELS = {"positive": POSITIVE, "neutral": NEUTRAL, "negative": NEGATIVE}
+TABLE13_DIRECTIONS = {"negative": NEGATIVE, "positive": POSITIVE}  # Table 13 has no neutral row/column
+CORRELATION_FIGURE = "correlation.png"
+LABEL_FIGURE = "label_distribution.png"
+
+
+def dataset_statistics(directions: np.ndarray, space: PreferenceSpace = SPACE) -> dict:
+    """The Appendix A.1.1 / E statistics of an (N, D) matrix of direction vectors.
+
+    Returns a dict whose values are all JSON-serialisable except `correlation`, the D x D
+    Pearson matrix as a NumPy array (kept out of JSON: D x D numbers belong in a figure):
+
+    * `correlation`: r between dimensions i and j. A dimension that never changes has no
+      defined correlation (zero variance), so its whole row and column, diagonal included,
+      are NaN rather than a made-up 0 or 1.
+    * `n_examples`, `n_dimensions`.
+    * `correlation_threshold`: 0.5; `pairs_total`: unordered pairs i < j; `pairs_undefined`:
+      those involving a constant dimension.
+    * `share_pairs_below_threshold`: share of the defined pairs with r < 0.5. Signed r, as the
+      paper words it ("have correlations below 0.5"), so a strongly negative pair counts as
+      below. None when no pair is defined.
+    * `strongest_pair`: {"dimensions": [i, j], "r": r} with the largest r (the paper names
+      Abasement / Aggression at 0.86), or None.
+    * `distinct_directions` and `distinct_share` (of `n_examples`): different vectors.
+    * `label_counts`: {"positive" | "neutral" | "negative": [count per dimension]}.
+    * `gender_succorance`: Table 13, see `gender_succorance_table`; None when the space has no
+      Gender or Need for Succorance dimension.
+    """
+    directions = _checked_directions(directions, space)
+    n_examples = directions.shape[0]
+    correlation = pearson_correlation(directions)
+    pairs = correlation[np.triu_indices(len(space), k=1)]
+    defined = pairs[~np.isnan(pairs)]
+    distinct = int(np.unique(_codes(directions), axis=0).shape[0])
+    return {
+        "correlation": correlation,
+        "n_examples": int(n_examples),
+        "n_dimensions": len(space),
+        "correlation_threshold": CORRELATION_THRESHOLD,
+        "pairs_total": int(pairs.size),
+        "pairs_undefined": int(pairs.size - defined.size),
+        "share_pairs_below_threshold": float(np.mean(defined < CORRELATION_THRESHOLD)) if defined.size else None,
+        "strongest_pair": _strongest_pair(correlation),
+        "distinct_directions": distinct,
+        "distinct_share": distinct / n_examples,
+        "label_counts": {
+            label: (directions == value).sum(axis=0).astype(int).tolist() for label, value in LABELS.items()
+        },
+        "gender_succorance": gender_succorance_table(directions, space),
+    }
+
+
+def pearson_correlation(directions: np.ndarray) -> np.ndarray:
+    """D x D Pearson r, NaN in the rows and columns of constant dimensions.
+
+    Built from the Gram matrix rather than a centred copy, so 1.3M x 90 needs no second
+    matrix in memory; with values in {0, 0.5, 1} the sums are exact, and a constant
+    dimension's variance comes out exactly 0.
+    """
+    n = directions.shape[0]
+    sums = directions.sum(axis=0)
+    scatter = directions.T @ directions - np.outer(sums, sums) / n
+    variances = np.diag(scatter)
+    varying = variances > 0
+    correlation = np.full(scatter.shape, np.nan)
+    # sqrt of the product, not a product of square roots: identical columns then give exactly 1.
+    norms = np.sqrt(np.outer(variances[varying], variances[varying]))
+    correlation[np.ix_(varying, varying)] = np.clip(scatter[np.ix_(varying, varying)] / norms, -1.0, 1.0)
+    return correlation
+
+
+def gender_succorance_table(directions: np.ndarray, space: PreferenceSpace = SPACE) -> dict | None:
+    """Table 13: number of examples per (Gender direction, Succorance direction).
+
+    As in the paper, rows are Gender and columns Need for Succorance, each Negative / Positive
+    in the example's `Preference Direction`; examples neutral on either are not counted (the
+    table has no neutral row or column). Gender positive is "Female", negative "Male".
+    `counts[row][column]` reads e.g. counts["negative"]["positive"] = Male and Strong
+    Succorance. The demographic text is not used: the table is over dimension directions.
+    """
+    gender = _find_dimension(space, lambda name: name == GENDER_NAME)
+    succorance = _find_dimension(space, lambda name: name.startswith(SUCCORANCE_PREFIX))
+    if gender is None or succorance is None:
+        return None
+    return {
+        "rows": {"dimension": gender, "labels": _pole_labels(space[gender])},
+        "columns": {"dimension": succorance, "labels": _pole_labels(space[succorance])},
+        "counts": {
+            row: {
+                column: int(np.sum((directions[:, gender] == row_value) & (directions[:, succorance] == column_value)))
+                for column, column_value in TABLE13_DIRECTIONS.items()
+            }
+            for row, row_value in TABLE13_DIRECTIONS.items()
+        },
+    }
+
+
+def write_statistics(
+    table_or_directions: pa.Table | np.ndarray,
+    out_dir: Path,
+    space: PreferenceSpace = SPACE,
+    report_dir: Path | None = None,
+) -> dict:
+    """Write `correlation.png` and `label_distribution.png` to `out_dir`; return the statistics.
+
+    Takes an AlignX table (its `Preference Direction` column) or an (N, D) matrix. The result
+    is `dataset_statistics` without the correlation matrix (the heatmap shows it), plus
+    `figures` (file names in `out_dir`) and `markdown`, a report.md section linking the
+    figures relative to `report_dir` (default `out_dir`, i.e. report.md sits beside them).
+    """
+    directions = (
+        directions_from_table(table_or_directions, space)
+        if isinstance(table_or_directions, pa.Table)
+        else table_or_directions
+    )
+    stats = dataset_statistics(directions, space)
+    correlation = stats.pop("correlation")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot_correlation(correlation, out_dir / CORRELATION_FIGURE)
+    _plot_label_distribution(stats["label_counts"], out_dir / LABEL_FIGURE)
+    figures = [CORRELATION_FIGURE, LABEL_FIGURE]
+    links = [Path(os.path.relpath(out_dir / name, report_dir or out_dir)).as_posix() for name in figures]
+    stats["figures"] = figures
+    stats["markdown"] = _markdown(stats, space, *links)
+    return stats
+
+
+def directions_from_table(table: pa.Table, space: PreferenceSpace = SPACE) -> np.ndarray:
+    """The `Preference Direction` column as an (N, D) float matrix, without a Python list per row."""
+    column = table.column(DIRECTION).combine_chunks()
+    if column.null_count:
+        raise ValueError(f"{column.null_count} rows have no {DIRECTION!r}")
+    lengths = pc.list_value_length(column).to_numpy()
+    if np.any(lengths != len(space)):
+        row = int(np.argmax(lengths != len(space)))
+        raise ValueError(f"row {row}: {DIRECTION!r} has {lengths[row]} values, the space has {len(space)}")
+    return column.flatten().to_numpy(zero_copy_only=False).astype(float).reshape(len(column), len(space))
+
+
+def _checked_directions(directions: np.ndarray, space: PreferenceSpace) -> np.ndarray:
+    directions = np.asarray(directions, dtype=float)
+    if directions.ndim != 2 or directions.shape[1] != len(space):
+        raise ValueError(f"need an (N, {len(space)}) matrix, got shape {directions.shape}")
+    if directions.shape[0] == 0:
+        raise ValueError("no examples: the statistics are undefined")
+    allowed = np.isin(directions, list(LABELS.values()))
+    if not allowed.all():
+        row, dim = np.argwhere(~allowed)[0]
+        raise ValueError(f"row {row}, dimension {dim}: {directions[row, dim]!r} is not one of {tuple(LABELS.values())}")
+    return directions
+
+
+def _codes(directions: np.ndarray) -> np.ndarray:
+    """One byte per label (0, 1, 2), so finding distinct rows compares bytes, not floats."""
+    return np.rint(directions * 2).astype(np.uint8)
+
+
+def _strongest_pair(correlation: np.ndarray) -> dict | None:
+    upper = correlation.copy()
+    upper[np.tril_indices_from(upper)] = np.nan  # each pair once, no diagonal
+    if np.all(np.isnan(upper)):
+        return None
+    i, j = np.unravel_index(np.nanargmax(upper), upper.shape)
+    return {"dimensions": [int(i), int(j)], "r": float(upper[i, j])}
+
+
+def _find_dimension(space: PreferenceSpace, matches) -> int | None:
+    return next((i for i, name in enumerate(space.names) if matches(name)), None)
+
+
+def _pole_labels(dimension) -> dict:
+    return {"negative": dimension.negative, "positive": dimension.positive}
+
+
+def _plot_correlation(correlation: np.ndarray, path: Path) -> None:
+    cmap = matplotlib.colormaps["coolwarm"].with_extremes(bad="black")  # constant dimension: no r
+    fig = Figure(figsize=(9, 8))
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(correlation), cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
+    ticks = np.arange(0, correlation.shape[0], 10)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("dimension index")
+    ax.set_ylabel("dimension index")
+    ax.set_title("Pearson correlation between dimensions (black: constant dimension, no r)")
+    fig.colorbar(image, ax=ax, label="Pearson r")
+    _save(fig, path)
+
+
+def _plot_label_distribution(label_counts: dict, path: Path) -> None:
+    indices = np.arange(len(label_counts["positive"]))
+    fig = Figure(figsize=(14, 5))
+    ax = fig.subplots()
+    bottom = np.zeros(len(indices))
+    for label, colour in (("positive", "tab:green"), ("neutral", "tab:grey"), ("negative", "tab:red")):
+        counts = np.asarray(label_counts[label])
+        ax.bar(indices, counts, bottom=bottom, color=colour, label=label, width=0.85)
+        bottom += counts
+    ax.set_xlabel("dimension index")
+    ax.set_ylabel("examples")
+    ax.set_title("Preference direction labels per dimension")
+    ax.set_xlim(-1, len(indices))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Render through the Agg canvas directly: no pyplot state, no display needed."""
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _markdown(stats: dict, space: PreferenceSpace, correlation_link: str, label_link: str) -> str:
+    lines = [
+        "## Dataset statistics",
+        "",
+        f"- examples: {stats['n_examples']:,}; dimensions: {stats['n_dimensions']}",
+        f"- distinct preference directions: {stats['distinct_directions']:,}"
+        f" ({stats['distinct_share']:.2%} of examples)",
+        _pairs_line(stats),
+        _strongest_line(stats["strongest_pair"], space),
+        "",
+        f"![Pearson correlation between dimensions]({correlation_link})",
+        "",
+        f"![Preference direction labels per dimension]({label_link})",
+        "",
+    ]
+    table = stats["gender_succorance"]
+    if table is not None:
+        rows, columns, counts = table["rows"]["labels"], table["columns"]["labels"], table["counts"]
+        lines += [
+            "Gender x Succorance (paper Table 13): examples per direction pair, neutral excluded. "
+            f"Succorance negative: {columns['negative']}; positive: {columns['positive']}.",
+            "",
+            "| Gender / Succorance | Negative | Positive |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {row.capitalize()} ({rows[row]}) | {counts[row]['negative']:,} | {counts[row]['positive']:,} |"
+            for row in TABLE13_DIRECTIONS
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pairs_line(stats: dict) -> str:
+    share = stats["share_pairs_below_threshold"]
+    defined = stats["pairs_total"] - stats["pairs_undefined"]
+    shown = "undefined" if share is None else f"{share:.2%}"
+    line = f"- dimension pairs with Pearson r < {CORRELATION_THRESHOLD}: {shown} of {defined:,} pairs"
+    if stats["pairs_undefined"]:
+        line += f" ({stats['pairs_undefined']:,} more pairs involve a constant dimension and have no r)"
+    return line
+
+
+def _strongest_line(pair: dict | None, space: PreferenceSpace) -> str:
+    if pair is None:
+        return "- strongest correlation: none defined"
+    i, j = pair["dimensions"]
+    names = f"{i} ({space[i].name}) and {j} ({space[j].name})"
+    return f"- strongest correlation: r = {pair['r']:.2f} between {names}"

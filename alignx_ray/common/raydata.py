@@ -1,0 +1,127 @@
+"""What every Ray stage shares: joining the cluster, the resumable actor-pool map, rejects.
+
+An actor stage maps a pool of stateful actors (one engine or index each) over a parquet
+table, checkpointed by a stable id column, so a re-run skips the rows it had written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alignx_ray.common.config import PoolConfig, RayConfig
+from alignx_ray.common.schema import REJECTED_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+# Engines in actors run single-process on CPU; these keep vLLM from forking its own workers.
+WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+# What a local instance started by `init_ray` holds: nothing can join it, so a request above
+# it (the production defaults ask for GPUs and 4-8 CPUs per actor) would wait forever.
+_local_resources: dict[str, float] | None = None
+
+
+def init_ray(config: RayConfig):
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), `config.address`, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    env = {"env_vars": WORKER_ENV}
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    global _local_resources
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=config.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=False)
+        _local_resources = ray.cluster_resources()
+    return ray
+
+
+def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
+    """(CPUs, GPUs) a task or actor asks for: as configured on a cluster (which may add nodes
+    to place it), capped to what a local instance holds (to which nothing is ever added), so
+    the production defaults run on a laptop, on its CPUs, instead of waiting forever."""
+    if _local_resources is None:
+        return num_cpus, num_gpus
+    cpus, gpus = min(num_cpus, _local_resources.get("CPU", 1)), min(num_gpus, _local_resources.get("GPU", 0))
+    if (cpus, gpus) != (num_cpus, num_gpus):
+        logger.warning(
+            "local Ray instance: %s CPU(s) and %s GPU(s) per worker instead of %s and %s",
+            cpus,
+            gpus,
+            num_cpus,
+            num_gpus,
+        )
+    return cpus, gpus
+
+
+def map_resumable(source: Path, output: Path, id_column: str, udf: type, udf_kwargs: dict, pool: PoolConfig) -> None:
+    """read_parquet(source) -> map_batches(udf actors) -> write_parquet(output), checkpointed.
+
+    Ray Data's CheckpointConfig records the ids of written rows beside `output` and filters
+    them out of the input of a re-run (two-phase commit), so a killed stage resumes.
+    """
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column=id_column,
+        checkpoint_path=str((output.parent / "_checkpoint").resolve()),
+        delete_checkpoint_on_success=False,
+    )
+    num_cpus, num_gpus = fit_local(pool.num_cpus, pool.num_gpus)
+    try:
+        ds = ray.data.read_parquet(str(source.resolve()))
+        low, high = pool.concurrency
+        ds = ds.map_batches(
+            udf,
+            fn_constructor_kwargs=udf_kwargs,
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        ds.write_parquet(str(output.resolve()))
+    finally:
+        ctx.checkpoint_config = None
+
+
+def claim_workdir(work: Path, key: str) -> bool:
+    """Mark `work` as begun under `key`; True when it already was (its partial work resumes).
+
+    Partial work begun under another key is wiped: it must never be resumed into this one.
+    """
+    stamp = work / "_started.json"
+    resumed = stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == key
+    if stamp.exists() and not resumed:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"fingerprint": key}))
+    return resumed
+
+
+def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> int:
+    """A stage's rejected rows to `out_dir/_rejected/<stage>.parquet`; returns how many.
+
+    `rows` are dicts or a table holding some of `REJECTED_SCHEMA`'s columns (the rest null).
+    """
+    if isinstance(rows, pa.Table):
+        columns = {
+            f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+            for f in REJECTED_SCHEMA
+        }
+        table = pa.table(columns).cast(REJECTED_SCHEMA)
+    else:
+        table = pa.Table.from_pylist(rows, REJECTED_SCHEMA)
+    (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out_dir / "_rejected" / f"{stage}.parquet")
+    return table.num_rows

@@ -1,0 +1,1 @@
+"""Engines: scoring, labelling, generation, log-probabilities and exact retrieval, used by the stages."""

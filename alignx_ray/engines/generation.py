@@ -1,0 +1,32 @@
+"""Text generation with vLLM: P_DEMO answers (Prompt #2), the judge, and the models it compares."""
+
+from __future__ import annotations
+
+from alignx_ray.engines.scoring import EngineConfig, load_vllm
+
+
+class VllmGenerator:
+    """Text generation with vLLM, optionally constrained to a JSON schema (structured outputs).
+
+    Each prompt has its own seed, so a retry or a resumed run samples exactly as before.
+    """
+
+    def __init__(self, config: EngineConfig, model_path: str):
+        self.llm = load_vllm(
+            model_path, config.dtype, config.vllm, config.vllm_env, enable_prefix_caching=config.prefix_caching
+        )
+
+    def generate(
+        self, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float, json_schema: dict | None = None
+    ) -> list[tuple[str, bool]]:
+        """(text, finished) per prompt; finished is False when cut at max_tokens."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = StructuredOutputsParams(json=json_schema) if json_schema else None
+        params = [
+            SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured_outputs=structured)
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason != "length") for o in outputs]

@@ -1,0 +1,1 @@
+"""Evaluation (paper §6): benchmark examples, alignment accuracy, judge win rate."""

@@ -1,0 +1,350 @@
+"""The run: configuration of every stage, and stages that resume.
+
+Each stage writes `RUN_DIR/<stage>/` and, last, `_manifest.json` holding its figures and a
+fingerprint of its config and inputs. A stage whose manifest exists with the same
+fingerprint is reused; any other stage is (re)computed, where the row-level stages resume
+from their Ray Data checkpoints and training from its Ray Train checkpoint. So re-running a
+killed run with the same command finishes it, and the report says what was reused, resumed
+and recomputed.
+
+The stages in run order: threads (demo only) -> ingest -> annotate -> pairs -> personas ->
+demographics -> dataset (assembly + statistics) -> train_ica / train_pba -> evaluate / judge.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from transformers import AutoTokenizer
+
+from alignx_ray.build.annotate import AnnotateConfig, run_annotate
+from alignx_ray.build.assemble import AssembleConfig, run_assemble
+from alignx_ray.build.demographics import DemographicsConfig, run_demographics
+from alignx_ray.build.ingest import IngestConfig, run_ingest
+from alignx_ray.build.pairs import PairsConfig, run_pairs
+from alignx_ray.build.personas import PersonaConfig, run_personas
+from alignx_ray.build.stats import write_statistics
+from alignx_ray.common.config import RayConfig, Section, SpaceConfig
+from alignx_ray.common.prompts import PromptTemplates
+from alignx_ray.common.raydata import claim_workdir, init_ray
+from alignx_ray.common.seeding import fingerprint
+from alignx_ray.evaluate.accuracy import run_evaluation
+from alignx_ray.evaluate.eval_config import EvalConfig
+from alignx_ray.evaluate.judge import JudgeConfig, run_binary_choice, run_judge
+from alignx_ray.fixtures import synthetic
+from alignx_ray.fixtures.tiny import TinyModelSpec, build_tiny_model
+from alignx_ray.fixtures.tiny_annotator import AnnotatorConfig, build_annotator
+from alignx_ray.report import RunReport
+from alignx_ray.train.dpo_config import TrainConfig
+from alignx_ray.train.dpo_trainer import fit_accuracy, run_training, training_examples
+
+
+class BuildConfig(Section):
+    """The dataset build: each stage's own settings.
+
+    demographics_enabled: off skips the LLM stage (examples then have no P_DEMO).
+    """
+
+    pairs: PairsConfig = PairsConfig()
+    personas: PersonaConfig = PersonaConfig()
+    demographics: DemographicsConfig = DemographicsConfig()
+    assemble: AssembleConfig = AssembleConfig()
+    demographics_enabled: bool = True
+
+
+class RunConfig(Section):
+    """Everything a run needs. Code defaults are production's; `configs/demo.yaml` is the
+    embedded default's.
+
+    threads: the generated demo threads, used when `ingest.input` is not set.
+    annotator: the tiny annotator, used when `annotate.engine.model` is not set.
+    train: DPO settings shared by both methods (`alignx train --method` picks one).
+    evaluate: how trained models are evaluated (`alignx evaluate`, and the demo).
+    judge: the judge win rate and binary-choice accuracy (`alignx judge`, and the demo).
+    """
+
+    run_dir: str = "runs/alignx"
+    ray: RayConfig = RayConfig()
+    prompts: PromptTemplates = PromptTemplates()
+    space: SpaceConfig = SpaceConfig()
+    threads: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
+    annotator: AnnotatorConfig = AnnotatorConfig()
+    ingest: IngestConfig = IngestConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+    build: BuildConfig = BuildConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    judge: JudgeConfig = JudgeConfig()
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / "_manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: Callable[[], dict]) -> dict:
+    """Reuse the stage when its manifest carries `key`, else compute it and stamp the manifest.
+
+    A stage left half-done under the same key resumes (status "resumed": it keeps the rows or
+    the training checkpoint it had saved); one begun under another key is wiped ("computed").
+    """
+    manifest = read_manifest(stage_dir)
+    if manifest and manifest.get("fingerprint") == key:
+        figures = {**manifest, "status": "reused"}
+    else:
+        started = time.time()
+        resumed = claim_workdir(stage_dir, key)
+        figures = {**compute(), "fingerprint": key}
+        (stage_dir / "_manifest.json").write_text(json.dumps(figures, indent=1, default=str))
+        figures = {
+            **figures,
+            "status": "resumed" if resumed else "computed",
+            "stage_seconds": round(time.time() - started, 2),
+        }
+    report.add(name, figures)
+    return figures
+
+
+class Run:
+    """One run directory and its config; each method is one stage."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, report: RunReport | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.report = report or RunReport(self.run_dir)
+        self._model_path: str | None = None
+        self._finished: dict[str, dict] = {}
+
+    def stage(self, name: str, key: str, compute: Callable[[], dict]) -> dict:
+        """Run one stage at most once per Run (later stages ask for their inputs again)."""
+        if name not in self._finished:
+            self._finished[name] = run_stage(self.report, name, self.dir(name), key, compute)
+        return self._finished[name]
+
+    def statuses(self) -> dict[str, list[str]]:
+        """Stage names by status ("reused", "resumed", "computed") in the order they ran."""
+        out: dict[str, list[str]] = {}
+        for name, figures in self._finished.items():
+            out.setdefault(figures["status"], []).append(name)
+        return out
+
+    def dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def annotation_model(self) -> str:
+        """The configured model, or the tiny annotator (built once per machine, then cached)."""
+        if self._model_path is None:
+            model = self.config.annotate.engine.model
+            # The annotator must read the traits the demo threads carry.
+            annotator = self.config.annotator.model_copy(
+                update={"planted_dimensions": self.config.threads.planted_dimensions}
+            )
+            self._model_path = model or str(build_annotator(annotator))
+        return self._model_path
+
+    def p_tilde_inputs(self) -> tuple:
+        """What P~ inferred during evaluation depends on (the annotator is resolved only when
+        something must be inferred, so its config stands in for its path)."""
+        return (
+            self.config.annotate.engine.model,
+            self.config.annotator,
+            self.config.threads.planted_dimensions,
+            self.config.space,
+        )
+
+    def threads(self) -> dict:
+        cfg = self.config.threads
+        return self.stage(
+            "threads",
+            fingerprint(cfg),
+            lambda: {name: str(p) for name, p in synthetic.write_threads(cfg, self.dir("threads")).items()},
+        )
+
+    def ingest(self) -> dict:
+        source = self.config.ingest.input or self.threads()["jsonl"]
+        key = fingerprint(self.config.ingest, source, self.annotation_model())
+        return self.stage(
+            "ingest",
+            key,
+            lambda: run_ingest(
+                self.config.ingest, source, self.dir("ingest"), AutoTokenizer.from_pretrained(self.annotation_model())
+            ),
+        )
+
+    def annotate(self) -> dict:
+        upstream = self.ingest()
+        key = fingerprint(
+            self.config.annotate,
+            self.config.prompts,
+            self.config.space,
+            upstream["fingerprint"],
+            self.annotation_model(),
+        )
+
+        def compute() -> dict:
+            init_ray(self.config.ray)
+            return run_annotate(
+                self.config.annotate,
+                self.dir("ingest") / "data",
+                self.dir("annotate"),
+                self.annotation_model(),
+                self.config.prompts,
+                self.config.space,
+            )
+
+        return self.stage("annotate", key, compute)
+
+    def pairs(self) -> dict:
+        upstream = self.annotate()
+        key = fingerprint(self.config.build.pairs, upstream["fingerprint"])
+        return self.stage(
+            "pairs", key, lambda: run_pairs(self.config.build.pairs, self.dir("annotate"), self.dir("pairs"))
+        )
+
+    def personas(self) -> dict:
+        upstream = self.pairs()
+        cfg = self.config.build.personas
+        key = fingerprint(cfg, upstream["fingerprint"])
+        return self.stage(
+            "personas", key, lambda: run_personas(cfg, self.dir("annotate"), self.dir("pairs"), self.dir("personas"))
+        )
+
+    def demographics(self) -> dict | None:
+        if not self.config.build.demographics_enabled:
+            return None
+        upstream = self.pairs()
+        cfg = self.config.build.demographics
+        model = cfg.engine.model or self.annotation_model()
+        key = fingerprint(cfg, self.config.prompts, self.config.space, upstream["fingerprint"], model)
+        return self.stage(
+            "demographics",
+            key,
+            lambda: run_demographics(
+                cfg, self.dir("pairs"), self.dir("demographics"), model, self.config.prompts, self.config.space.build()
+            ),
+        )
+
+    def dataset(self) -> dict:
+        """Assemble train / test in the AlignX schema, then the statistics report."""
+        personas, demo = self.personas(), self.demographics()
+        cfg = self.config.build.assemble
+        key = fingerprint(cfg, personas["fingerprint"], demo and demo["fingerprint"])
+        out = self.dir("dataset")
+
+        def compute() -> dict:
+            figures = run_assemble(
+                cfg, self.dir("pairs"), self.dir("personas"), self.dir("demographics") if demo else None, out
+            )
+            stats = write_statistics(
+                pq.read_table(out / "train"), out / "stats", self.config.space.build(), report_dir=self.run_dir
+            )
+            return {**figures, "markdown": stats.pop("markdown"), "statistics": stats}
+
+        return self.stage("dataset", key, compute)
+
+    def policy_model(self) -> str:
+        """The configured starting policy, or the demo's tiny model (built in the run directory)."""
+        if self.config.train.model:
+            return self.config.train.model
+        path = self.dir("models") / "policy-tiny"
+        if not (path / "config.json").exists():
+            build_tiny_model(path, TinyModelSpec(seed=self.config.train.dpo.seed))
+        return str(path)
+
+    def train(self, method: str) -> dict:
+        """DPO of one method on Ray Train, then its fit accuracy on the pairs it was trained on."""
+        cfg = self.config.train.model_copy(update={"method": method})
+        if cfg.dataset:
+            dataset, upstream = cfg.dataset, cfg.dataset
+        else:
+            dataset, upstream = str(self.dir("dataset") / "train"), self.dataset()["fingerprint"]
+        model = self.policy_model()
+        stage = f"train_{method}"
+        key = fingerprint(cfg, self.config.prompts, upstream, model)
+
+        def compute() -> dict:
+            init_ray(self.config.ray)
+            storage = cfg.storage_path or str((self.dir(stage) / "ray").resolve())
+            figures, final = run_training(cfg, model, dataset, storage, self.dir(stage), self.config.prompts)
+            examples = training_examples(cfg, dataset, AutoTokenizer.from_pretrained(model), self.config.prompts)
+            return {**figures, **fit_accuracy(final, model, examples), "model": final}
+
+        return self.stage(stage, key, compute)
+
+    def evaluate(self, method: str, benchmark: str, name: str, upstream: str | None = None) -> dict:
+        """The method's trained model against the starting model on one benchmark file
+        (`upstream`: the fingerprint of the stage that wrote it, else its modification time)."""
+        trained, reference = self.train(method), self.policy_model()
+        cfg = self.config.evaluate
+        stage = f"evaluate_{method}_{name}"
+        key = fingerprint(
+            cfg,
+            self.config.prompts,
+            self.p_tilde_inputs(),
+            trained["fingerprint"],
+            benchmark,
+            upstream or Path(benchmark).stat().st_mtime,
+        )
+
+        def compute() -> dict:
+            init_ray(self.config.ray)
+            return run_evaluation(
+                cfg,
+                benchmark,
+                method,
+                trained["model"],
+                reference,
+                self.dir(stage),
+                self.config.prompts,
+                self.annotation_model,
+                self.config.space.build(),
+            )
+
+        return self.stage(stage, key, compute)
+
+    def judge(self, benchmark: str, name: str, upstream: str | None = None) -> dict:
+        """Judge win rate of the ICA model against the PBA model (the judge: `judge.engine.model`,
+        else the starting model), and the ICA model's binary-choice accuracy, on one benchmark."""
+        ica, pba = self.train("ica"), self.train("pba")
+        cfg, judge_model = self.config.judge, self.config.judge.engine.model or self.policy_model()
+        stage = f"judge_{name}"
+        key = fingerprint(
+            cfg,
+            self.config.evaluate,
+            self.config.prompts,
+            self.p_tilde_inputs(),
+            ica["fingerprint"],
+            pba["fingerprint"],
+            judge_model,
+            benchmark,
+            upstream or Path(benchmark).stat().st_mtime,
+        )
+
+        def compute() -> dict:
+            init_ray(self.config.ray)
+            args = (self.config.evaluate, benchmark)
+            wins = run_judge(
+                cfg,
+                *args,
+                [(ica["model"], "ica"), (pba["model"], "pba")],
+                judge_model,
+                self.dir(stage) / "win_rate",
+                self.config.prompts,
+                self.annotation_model,
+                self.config.space.build(),
+            )
+            choice = run_binary_choice(
+                cfg,
+                *args,
+                ica["model"],
+                self.dir(stage) / "binary_choice",
+                self.config.prompts,
+                self.config.space.build(),
+            )
+            return {"ica_vs_pba": wins, "ica_binary_choice": choice}
+
+        return self.stage(stage, key, compute)

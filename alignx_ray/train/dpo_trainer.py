@@ -1,0 +1,199 @@
+"""DPO training of ICA and PBA: Ray Train workers running TRL's DPOTrainer with DeepSpeed.
+
+Each worker builds the same examples (seeded by example id, `dpo_data`), trains with
+`DPOTrainer` (sigmoid loss; DeepSpeed ZeRO-3 from `configs/deepspeed/`), and at every save
+reports its own checkpoint folder to Ray Train, which merges the workers' files (model and
+each rank's ZeRO shards) into one checkpoint in storage. A resubmitted run with the same
+storage path and name gets the latest checkpoint back from Ray Train and resumes the
+Trainer from it (optimizer, scheduler, data order, step). The last report carries the final
+model and the training figures (loss, reward accuracy and margins).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from alignx_ray.common import prompts
+from alignx_ray.common.config import resolve_local
+from alignx_ray.common.schema import to_official
+from alignx_ray.engines.logprobs import load_models, reward_margin, score_pairs
+from alignx_ray.train.dpo_config import TrainConfig
+from alignx_ray.train.dpo_data import dpo_example
+
+FINAL_MARKER = "alignx_final.json"
+FIGURES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+
+def training_examples(config: TrainConfig, dataset: str, tokenizer, templates: prompts.PromptTemplates) -> list[dict]:
+    """The DPO examples of `dataset` (an AlignX parquet file or folder) in the method's format."""
+    table = to_official(pq.read_table(dataset))
+    if config.max_examples is not None:
+        table = table.slice(0, config.max_examples)
+    return [dpo_example(row, config.method, tokenizer, templates, config.dpo.seed) for row in table.to_pylist()]
+
+
+def dpo_args(config: TrainConfig, output_dir: Path, deepspeed: dict | None):
+    """TRL `DPOConfig` from our settings (created before the model: ZeRO-3 partitions at load)."""
+    import torch
+    from trl import DPOConfig
+
+    s = config.dpo
+    model_kwargs = {"dtype": torch.bfloat16 if s.bf16 else torch.float32}
+    if s.attn_implementation:
+        model_kwargs["attn_implementation"] = s.attn_implementation
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=s.beta,
+        loss_type=["sigmoid"],
+        learning_rate=s.learning_rate,
+        num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.per_device_batch,
+        gradient_accumulation_steps=s.gradient_accumulation,
+        max_length=s.max_length,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": s.min_lr_rate},
+        warmup_steps=s.warmup_ratio,
+        adam_beta1=s.adam_beta1,
+        adam_beta2=s.adam_beta2,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        gradient_checkpointing=s.gradient_checkpointing,
+        bf16=s.bf16,
+        precompute_ref_log_probs=s.precompute_ref_log_probs,
+        deepspeed=deepspeed,
+        use_cpu=not config.use_gpu,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        logging_steps=s.logging_steps,
+        report_to="none",
+        seed=s.seed,
+        data_seed=s.seed,
+        model_init_kwargs=model_kwargs,
+        dataloader_num_workers=0,
+    )
+
+
+def latest_figures(log_history: list[dict]) -> dict:
+    """The most recent value of each training figure in the Trainer's log."""
+    figures = {}
+    for entry in log_history:
+        figures.update({k: float(v) for k, v in entry.items() if k in FIGURES})
+    return figures
+
+
+def train_loop(payload: dict) -> None:
+    """One Ray Train worker (the function Ray Train runs on every worker)."""
+    import ray.train
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOTrainer
+
+    config = TrainConfig.model_validate(payload["config"])
+    rank = ray.train.get_context().get_world_rank()
+    scratch = Path(tempfile.mkdtemp(prefix=f"alignx-dpo-{rank}-"))
+    checkpoint = ray.train.get_checkpoint()
+    resume_from, resume_step = None, 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            if (Path(d) / FINAL_MARKER).exists():  # finished before: report it again
+                ray.train.report(json.loads((Path(d) / FINAL_MARKER).read_text()), checkpoint=None)
+                return
+            resume_from = scratch / "resume"
+            shutil.copytree(d, resume_from)
+            resume_step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
+
+    class ReportCheckpoints(TrainerCallback):
+        """Every Trainer save becomes a Ray Train checkpoint (each rank reports its files)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            metrics = {"step": state.global_step, **latest_figures(state.log_history)}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    args = dpo_args(config, scratch / "out", payload["deepspeed"])
+    tokenizer = AutoTokenizer.from_pretrained(payload["model"])
+    examples = training_examples(config, payload["dataset"], tokenizer, prompts.PromptTemplates(**payload["prompts"]))
+    trainer = DPOTrainer(
+        model=payload["model"],
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "chosen", "rejected")} for e in examples]),
+        callbacks=[ReportCheckpoints()],
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final = scratch / "final"
+    trainer.save_model(str(final))  # collective under ZeRO-3: full weights gathered on rank 0
+    figures = {
+        "step": trainer.state.global_step,
+        "examples": len(examples),
+        "resumed_from_step": resume_step,
+        **latest_figures(trainer.state.log_history),
+    }
+    if rank == 0:
+        tokenizer.save_pretrained(final)
+        (final / FINAL_MARKER).write_text(json.dumps(figures))
+    ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(final) if rank == 0 else None)
+
+
+def run_training(
+    config: TrainConfig,
+    model: str,
+    dataset: str,
+    storage_path: str,
+    out_dir: Path,
+    templates: prompts.PromptTemplates = prompts.PromptTemplates(),
+) -> tuple[dict, str]:
+    """Run (or resume) DPO on Ray Train; return (figures, `out_dir/model`, the final model)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    deepspeed = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else None  # read here: the
+    # workers of a submitted job may run on nodes without this path
+    model, dataset = resolve_local(model), resolve_local(dataset)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump(),
+            "model": model,
+            "dataset": dataset,
+            "prompts": templates.model_dump(),
+            "deepspeed": deepspeed,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        run_config=RunConfig(name=config.name or f"alignxpert-{config.method}", storage_path=storage_path),
+    )
+    result = trainer.fit()
+    final = out_dir / "model"
+    with result.checkpoint.as_directory() as d:
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(d, final)
+    return dict(result.metrics), str(final)
+
+
+def fit_accuracy(policy: str, reference: str, examples: list[dict]) -> dict:
+    """Alignment accuracy (the evaluation rule, `evaluate.reward_margin`) on the given pairs."""
+    policy_model, reference_model, tokenizer = load_models(policy, reference)
+    margin = reward_margin(
+        score_pairs(
+            policy_model,
+            reference_model,
+            tokenizer,
+            [e["prompt"] for e in examples],
+            [e["chosen"] for e in examples],
+            [e["rejected"] for e in examples],
+        )
+    )
+    return {
+        "fit_accuracy": float(np.mean(margin > 0)) if len(examples) else None,
+        "n": len(examples),
+        "mean_margin": float(np.mean(margin)) if len(examples) else None,
+    }
