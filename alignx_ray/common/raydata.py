@@ -46,11 +46,13 @@ def init_ray(config: RayConfig):
 
 def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
     """(CPUs, GPUs) a task or actor asks for: as configured on a cluster (which may add nodes
-    to place it), capped to what a local instance holds (to which nothing is ever added), so
-    the production defaults run on a laptop, on its CPUs, instead of waiting forever."""
+    to place it), capped on a local instance (to which nothing is ever added) to its GPUs and
+    half its CPUs, the rest left to the reads and writes that Ray Data runs beside the actors,
+    so the production defaults run on a laptop, on its CPUs, instead of waiting forever."""
     if _local_resources is None:
         return num_cpus, num_gpus
-    cpus, gpus = min(num_cpus, _local_resources.get("CPU", 1)), min(num_gpus, _local_resources.get("GPU", 0))
+    cpus = min(num_cpus, max(1, _local_resources.get("CPU", 2) // 2))
+    gpus = min(num_gpus, _local_resources.get("GPU", 0))
     if (cpus, gpus) != (num_cpus, num_gpus):
         logger.warning(
             "local Ray instance: %s CPU(s) and %s GPU(s) per worker instead of %s and %s",

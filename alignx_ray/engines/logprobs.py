@@ -64,15 +64,18 @@ def reward_margin(scores) -> np.ndarray:
     return (s["policy_chosen"] - s["reference_chosen"]) - (s["policy_rejected"] - s["reference_rejected"])
 
 
-def load_models(policy: str, reference: str, dtype: str = "float32"):
-    """(policy, reference, tokenizer) on the GPU when there is one; the same path loads once."""
+def load_models(policy: str, reference: str, dtype: str = "auto"):
+    """(policy, reference, tokenizer) on the GPU when there is one; the same path loads once.
+    dtype `auto`: bfloat16 on a GPU, float32 on the CPU (which has no fast bfloat16 kernels)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    auto = torch.bfloat16 if device == "cuda" else torch.float32
+    torch_dtype = auto if dtype == "auto" else getattr(torch, dtype)
 
     def load(path: str):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
 
     model = load(policy)
     return model, model if reference == policy else load(reference), AutoTokenizer.from_pretrained(policy)

@@ -20,7 +20,8 @@ class EvalConfig(Section):
         `examples.profile_direction`); direction_engine annotates persona items for `infer`
         (its model None: the run's annotator), with direction_batch responses per call, in
         a Ray task holding direction_num_gpus GPUs.
-    Scoring: dtype of both models; pool: the scorer actors (batch_size rows per call).
+    Scoring: dtype of both models (`auto`: bfloat16 on a GPU, float32 on the CPU); pool: the
+        scorer actors (batch_size rows per call).
     max_examples: score the first n rows only (None: every row of the file).
     benchmarks: extra files the demo evaluates besides its AlignX_test.
     """
@@ -32,7 +33,7 @@ class EvalConfig(Section):
     direction_engine: EngineConfig = EngineConfig()
     direction_batch: int = 256
     direction_num_gpus: float = 1
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     pool: PoolConfig = PoolConfig(batch_size=8, concurrency=(1, 8), num_cpus=8, num_gpus=1)
     max_examples: int | None = None
     benchmarks: list[str] = []
