@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
 from alignx_ray.build.annotate import AnnotateConfig, run_annotate
@@ -27,7 +26,7 @@ from alignx_ray.build.demographics import DemographicsConfig, run_demographics
 from alignx_ray.build.ingest import IngestConfig, run_ingest
 from alignx_ray.build.pairs import PairsConfig, run_pairs
 from alignx_ray.build.personas import PersonaConfig, run_personas
-from alignx_ray.build.stats import write_statistics
+from alignx_ray.build.stats import write_split_statistics
 from alignx_ray.common.config import RayConfig, Section, SpaceConfig
 from alignx_ray.common.prompts import PromptTemplates
 from alignx_ray.common.raydata import claim_workdir, init_ray
@@ -239,9 +238,7 @@ class Run:
             figures = run_assemble(
                 cfg, self.dir("pairs"), self.dir("personas"), self.dir("demographics") if demo else None, out
             )
-            stats = write_statistics(
-                pq.read_table(out / "train"), out / "stats", self.config.space.build(), report_dir=self.run_dir
-            )
+            stats = write_split_statistics(out / "train", out / "stats", self.config.space.build(), self.run_dir)
             return {**figures, "markdown": stats.pop("markdown"), "statistics": stats}
 
         return self.stage("dataset", key, compute)

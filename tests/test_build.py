@@ -12,6 +12,7 @@ from alignx_ray.build.assemble import AssembleConfig, run_assemble
 from alignx_ray.build.demographics import DemographicsConfig, demographics_batch, parse_demographic, run_demographics
 from alignx_ray.build.pairs import run_pairs
 from alignx_ray.build.personas import PersonaConfig, consistent, example_consistent, run_personas
+from alignx_ray.build.stats import dataset_statistics, directions_from_table, split_statistics
 from alignx_ray.common import prompts, schema
 from alignx_ray.common.space import SPACE
 from alignx_ray.fixtures import synthetic
@@ -105,25 +106,11 @@ def annotated_dir(tmp_path_factory):
     """Planted levels as the annotation (the annotator's own accuracy is tested elsewhere),
     plus one response the annotation stage rejected, which the build must leave out."""
     out = tmp_path_factory.mktemp("annotated")
-    cfg = synthetic.SyntheticConfig(n_threads=60, n_users=20, seed=11)
-    threads, truth = synthetic.generate(cfg)
-    levels = {t["response_id"]: t["levels"] for t in truth}
-    rows = [
-        {
-            "thread_id": t["thread_id"],
-            "response_id": r["response_id"],
-            "post": t["post"],
-            "response": r["text"],
-            "source": "threads",
-            "levels": levels[r["response_id"]],
-            "reject_reason": None,
-        }
-        for t in threads
-        for r in t["responses"]
-    ]
-    rows.append({**rows[0], "response_id": "too-long", "levels": [], "reject_reason": "prompt_too_long"})
+    table = synthetic.planted_annotations(synthetic.SyntheticConfig(n_threads=60, n_users=20, seed=11))
+    first = table.slice(0, 1).to_pylist()[0]
+    rows = table.to_pylist() + [{**first, "response_id": "too-long", "levels": [], "reject_reason": "prompt_too_long"}]
     (out / "annotate" / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), out / "annotate" / "data" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, table.schema), out / "annotate" / "data" / "part-0.parquet")
     return out
 
 
@@ -205,8 +192,18 @@ def test_datasets_library_loads_the_splits(built):
 def test_rerun_resumes_from_checkpoints_with_identical_rows(built):
     run, config, _ = built
     before = pq.read_table(run / "personas" / "data").sort_by("pair_id")
-    figures = run_personas(config, run / "annotate", run / "pairs", run / "personas")
+    figures = run_personas(config.personas, run / "annotate", run / "pairs", run / "personas")
     after = pq.read_table(run / "personas" / "data").sort_by("pair_id")
     assert after.equals(before) and figures["pairs"] == before.num_rows
     pairs_again = run_pairs(config.pairs, run / "annotate", run / "pairs")
     assert pairs_again["pairs"] == pq.read_table(run / "pairs" / "data").num_rows
+
+
+def test_split_statistics_stream_to_the_in_memory_figures(built):
+    """Statistics from per-block partial sums on Ray Data equal those of the whole matrix."""
+    run, _, _ = built
+    train = run / "dataset" / "train"
+    streamed = split_statistics(train, batch_size=7)  # several blocks of partial sums
+    whole = dataset_statistics(directions_from_table(pq.read_table(train)))
+    assert np.array_equal(streamed.pop("correlation"), whole.pop("correlation"), equal_nan=True)
+    assert streamed == whole and whole["n_examples"] > 7 and whole["distinct_directions"] > 1

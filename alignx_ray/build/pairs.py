@@ -9,6 +9,7 @@ from the thread id, so a resumed run draws the same pairs as an uninterrupted on
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -17,13 +18,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
+from ray.data.aggregate import Count, Sum
 
-from alignx_ray.build.annotate import labelled_responses
 from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import write_rejected
 from alignx_ray.common.schema import PAIRS_SCHEMA
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import compare_levels, intensity_embedding
+from alignx_ray.engines.labelling import REJECT_COLUMN
 
 
 class PairsConfig(Section):
@@ -139,38 +141,71 @@ def thread_pairs(thread: pa.Table, config: PairsConfig) -> tuple[list[dict], lis
     return out, rejected
 
 
+# What the per-thread draw writes: pairs, or a reason per rejected draw (then `reject` is set);
+# `thread_responses` is the thread's response count on its first row only, so the figures
+# come from sums over this table.
+STAGING_SCHEMA = PAIRS_SCHEMA.append(pa.field("reject", pa.string())).append(pa.field("thread_responses", pa.int64()))
+RESPONSE_COLUMNS = ["thread_id", "response_id", "post", "response", "source", "levels", REJECT_COLUMN]
+
+
+def pairs_of_thread(thread: pa.Table, config: PairsConfig) -> pa.Table:
+    """`thread_pairs` of one thread as rows of STAGING_SCHEMA (at least one per thread)."""
+    pairs, rejected = thread_pairs(thread, config)
+    rows = [{**p, "reject": None} for p in pairs]
+    rows += [{"thread_id": r["thread_id"], "reject": f"{r['reason']}: {r['detail']}"} for r in rejected]
+    rows[0]["thread_responses"] = thread.num_rows
+    return pa.Table.from_pylist(rows, STAGING_SCHEMA)
+
+
 def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
-    """Group by thread, draw pairs per thread (Ray Data `map_groups`), write pairs and rejects."""
+    """read_parquet(labelled responses) -> groupby(thread_id).map_groups(draw) -> write_parquet,
+    then the pairs and the rejects split from that output. The driver holds counts and the
+    rejected threads' reasons only."""
     started = time.time()
-    responses = labelled_responses(annotate_dir)
-
-    def per_thread(thread: pa.Table) -> pa.Table:
-        pairs, rejected = thread_pairs(thread, config)
-        rows = [{**p, "reject": None} for p in pairs] + [
-            {"thread_id": r["thread_id"], "reject": f"{r['reason']}: {r['detail']}"} for r in rejected
-        ]
-        return pa.Table.from_pylist(rows, PAIRS_SCHEMA.append(pa.field("reject", pa.string())))
-
-    out = ray.data.from_arrow(responses).groupby("thread_id").map_groups(per_thread, batch_format="pyarrow")
-    blocks = ray.get(out.to_arrow_refs())  # one execution
-    table = pa.concat_tables(blocks) if blocks else PAIRS_SCHEMA.append(pa.field("reject", pa.string())).empty_table()
-    good = table.filter(pc.is_null(table["reject"])).drop_columns(["reject"]).sort_by("pair_id")
-    bad = table.filter(pc.is_valid(table["reject"]))
-    (out_dir / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(good, out_dir / "data" / "pairs.parquet")
-    n_rejected = write_rejected(
+    staging, data = out_dir / "_staging", out_dir / "data"
+    for folder in (staging, data):  # a killed run's partial output must not be appended to
+        shutil.rmtree(folder, ignore_errors=True)
+    responses = ray.data.read_parquet(str((annotate_dir / "data").resolve())).select_columns(RESPONSE_COLUMNS)
+    labelled = responses.map_batches(_labelled, batch_format="pyarrow")
+    drawn = labelled.groupby("thread_id").map_groups(pairs_of_thread, fn_args=(config,), batch_format="pyarrow")
+    drawn.write_parquet(str(staging.resolve()))
+    if not any(staging.glob("*.parquet")):
+        raise ValueError(f"no labelled responses in {annotate_dir / 'data'}")
+    staged = ray.data.read_parquet(str(staging.resolve()))
+    staged.map_batches(_good_pairs, batch_format="pyarrow").write_parquet(str(data.resolve()))
+    counts = staged.select_columns(["thread_responses", "reject"]).aggregate(
+        Count(alias_name="rows"),
+        Count("thread_responses", ignore_nulls=True, alias_name="threads"),
+        Sum("thread_responses", alias_name="responses"),
+        Count("reject", ignore_nulls=True, alias_name="rejected"),
+    )
+    bad = pq.read_table(staging, columns=["thread_id", "reject"], filters=pc.field("reject").is_valid())
+    write_rejected(
         out_dir,
         "pairs",
-        [
-            {"stage": "pairs", "reason": r.split(":")[0], "detail": r, "thread_id": t}
-            for t, r in zip(bad["thread_id"].to_pylist(), bad["reject"].to_pylist())
-        ],
+        pa.table(
+            {
+                "stage": ["pairs"] * bad.num_rows,
+                "reason": pc.list_element(pc.split_pattern(bad["reject"], ":", max_splits=1), 0),
+                "detail": bad["reject"],
+                "thread_id": bad["thread_id"],
+            }
+        ),
     )
-    seconds = time.time() - started
+    shutil.rmtree(staging)
     return {
-        "responses_in": responses.num_rows,
-        "threads": len(pc.unique(responses["thread_id"])),
-        "pairs": good.num_rows,
-        "threads_rejected": n_rejected,
-        "seconds": round(seconds, 2),
+        "responses_in": counts["responses"] or 0,
+        "threads": counts["threads"],
+        "pairs": counts["rows"] - counts["rejected"],
+        "threads_rejected": counts["rejected"],
+        "seconds": round(time.time() - started, 2),
     }
+
+
+def _labelled(batch: pa.Table) -> pa.Table:
+    """The responses that have levels (the rejected ones are in annotate/_rejected already)."""
+    return batch.filter(pc.is_null(batch[REJECT_COLUMN])).drop_columns([REJECT_COLUMN])
+
+
+def _good_pairs(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch["reject"])).select(PAIRS_SCHEMA.names)

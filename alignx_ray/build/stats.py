@@ -18,6 +18,7 @@ figures and the markdown for the run report.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import matplotlib
@@ -37,6 +38,7 @@ LABELS = {"positive": POSITIVE, "neutral": NEUTRAL, "negative": NEGATIVE}
 TABLE13_DIRECTIONS = {"negative": NEGATIVE, "positive": POSITIVE}  # Table 13 has no neutral row/column
 CORRELATION_FIGURE = "correlation.png"
 LABEL_FIGURE = "label_distribution.png"
+CODE_DIGITS = 39  # base-3 digits of a direction packed in one int64 (3**39 < 2**63)
 
 
 def dataset_statistics(directions: np.ndarray, space: PreferenceSpace = SPACE) -> dict:
@@ -62,14 +64,44 @@ def dataset_statistics(directions: np.ndarray, space: PreferenceSpace = SPACE) -
       Gender or Need for Succorance dimension.
     """
     directions = _checked_directions(directions, space)
-    n_examples = directions.shape[0]
-    correlation = pearson_correlation(directions)
+    distinct = int(np.unique(_codes(directions), axis=0).shape[0])
+    return statistics_from_partial(partial_statistics(directions, space), distinct, space)
+
+
+def partial_statistics(directions: np.ndarray, space: PreferenceSpace = SPACE) -> dict[str, np.ndarray]:
+    """The additive parts of the statistics of a block of (N, D) direction vectors: n, the
+    per-dimension sums, the D x D Gram matrix, the label counts per dimension and Table 13's
+    counts. Blocks combine by adding them (`add_partials`), so the statistics of any number of
+    rows are computed block by block, in parallel, in memory that does not grow with N."""
+    gender = _find_dimension(space, lambda name: name == GENDER_NAME)
+    succorance = _find_dimension(space, lambda name: name.startswith(SUCCORANCE_PREFIX))
+    table13 = np.zeros((len(TABLE13_DIRECTIONS), len(TABLE13_DIRECTIONS)), np.int64)
+    if gender is not None and succorance is not None:
+        poles = np.array(list(TABLE13_DIRECTIONS.values()))
+        rows, columns = directions[:, gender, None] == poles, directions[:, succorance, None] == poles
+        table13 = (rows[:, :, None] & columns[:, None, :]).sum(axis=0).astype(np.int64)
+    return {
+        "n": np.array(directions.shape[0], np.int64),
+        "sums": directions.sum(axis=0),
+        "gram": directions.T @ directions,
+        "labels": np.stack([(directions == value).sum(axis=0) for value in LABELS.values()]).astype(np.int64),
+        "table13": table13,
+    }
+
+
+def add_partials(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: a[key] + b[key] for key in a}
+
+
+def statistics_from_partial(partial: dict[str, np.ndarray], distinct: int, space: PreferenceSpace = SPACE) -> dict:
+    """`dataset_statistics` from the combined partial statistics and the distinct-vector count."""
+    n_examples = int(partial["n"])
+    correlation = pearson_from_sums(n_examples, partial["sums"], partial["gram"])
     pairs = correlation[np.triu_indices(len(space), k=1)]
     defined = pairs[~np.isnan(pairs)]
-    distinct = int(np.unique(_codes(directions), axis=0).shape[0])
     return {
         "correlation": correlation,
-        "n_examples": int(n_examples),
+        "n_examples": n_examples,
         "n_dimensions": len(space),
         "correlation_threshold": CORRELATION_THRESHOLD,
         "pairs_total": int(pairs.size),
@@ -78,23 +110,21 @@ def dataset_statistics(directions: np.ndarray, space: PreferenceSpace = SPACE) -
         "strongest_pair": _strongest_pair(correlation),
         "distinct_directions": distinct,
         "distinct_share": distinct / n_examples,
-        "label_counts": {
-            label: (directions == value).sum(axis=0).astype(int).tolist() for label, value in LABELS.items()
-        },
-        "gender_succorance": gender_succorance_table(directions, space),
+        "label_counts": {label: partial["labels"][i].astype(int).tolist() for i, label in enumerate(LABELS)},
+        "gender_succorance": _gender_succorance(partial["table13"], space),
     }
 
 
 def pearson_correlation(directions: np.ndarray) -> np.ndarray:
-    """D x D Pearson r, NaN in the rows and columns of constant dimensions.
+    """D x D Pearson r, NaN in the rows and columns of constant dimensions."""
+    return pearson_from_sums(directions.shape[0], directions.sum(axis=0), directions.T @ directions)
 
-    Built from the Gram matrix rather than a centred copy, so 1.3M x 90 needs no second
-    matrix in memory; with values in {0, 0.5, 1} the sums are exact, and a constant
-    dimension's variance comes out exactly 0.
-    """
-    n = directions.shape[0]
-    sums = directions.sum(axis=0)
-    scatter = directions.T @ directions - np.outer(sums, sums) / n
+
+def pearson_from_sums(n: int, sums: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Pearson r from the count, the column sums and the Gram matrix (no centred copy of the
+    data, so 1.3M x 90 needs no second matrix, and blocks add up); with values in {0, 0.5, 1}
+    the sums are exact, and a constant dimension's variance comes out exactly 0."""
+    scatter = gram - np.outer(sums, sums) / n
     variances = np.diag(scatter)
     varying = variances > 0
     correlation = np.full(scatter.shape, np.nan)
@@ -113,6 +143,10 @@ def gender_succorance_table(directions: np.ndarray, space: PreferenceSpace = SPA
     `counts[row][column]` reads e.g. counts["negative"]["positive"] = Male and Strong
     Succorance. The demographic text is not used: the table is over dimension directions.
     """
+    return _gender_succorance(partial_statistics(directions, space)["table13"], space)
+
+
+def _gender_succorance(counts: np.ndarray, space: PreferenceSpace) -> dict | None:
     gender = _find_dimension(space, lambda name: name == GENDER_NAME)
     succorance = _find_dimension(space, lambda name: name.startswith(SUCCORANCE_PREFIX))
     if gender is None or succorance is None:
@@ -121,11 +155,8 @@ def gender_succorance_table(directions: np.ndarray, space: PreferenceSpace = SPA
         "rows": {"dimension": gender, "labels": _pole_labels(space[gender])},
         "columns": {"dimension": succorance, "labels": _pole_labels(space[succorance])},
         "counts": {
-            row: {
-                column: int(np.sum((directions[:, gender] == row_value) & (directions[:, succorance] == column_value)))
-                for column, column_value in TABLE13_DIRECTIONS.items()
-            }
-            for row, row_value in TABLE13_DIRECTIONS.items()
+            row: {column: int(counts[r, c]) for c, column in enumerate(TABLE13_DIRECTIONS)}
+            for r, row in enumerate(TABLE13_DIRECTIONS)
         },
     }
 
@@ -148,7 +179,47 @@ def write_statistics(
         if isinstance(table_or_directions, pa.Table)
         else table_or_directions
     )
-    stats = dataset_statistics(directions, space)
+    return _write_figures(dataset_statistics(directions, space), out_dir, space, report_dir)
+
+
+def write_split_statistics(
+    split_dir: Path, out_dir: Path, space: PreferenceSpace = SPACE, report_dir: Path | None = None
+) -> dict:
+    """`write_statistics` of a split's parquet files, computed on Ray Data (`split_statistics`)."""
+    return _write_figures(split_statistics(split_dir, space), out_dir, space, report_dir)
+
+
+def split_statistics(split_dir: Path, space: PreferenceSpace = SPACE, batch_size: int = 16384) -> dict:
+    """`dataset_statistics` of a split's parquet files, streamed: the `Preference Direction`
+    column alone is read, each block's `partial_statistics` computed in parallel and added up
+    as they arrive (the driver holds D x D numbers, whatever the number of rows), and the
+    distinct directions counted by a Ray Data groupby on their exact base-3 codes."""
+    import ray.data  # lazy: the pure statistics above need no Ray
+
+    directions = ray.data.read_parquet(str(Path(split_dir).resolve())).select_columns([DIRECTION])
+
+    def partial_block(batch: pa.Table) -> pa.Table:
+        return pa.table({"partial": [pickle.dumps(partial_statistics(directions_from_table(batch, space), space))]})
+
+    def code_block(batch: pa.Table) -> pa.Table:
+        digits = _codes(_checked_directions(directions_from_table(batch, space), space)).astype(np.int64)
+        parts = [digits[:, start : start + CODE_DIGITS] for start in range(0, digits.shape[1], CODE_DIGITS)]
+        return pa.table({f"code{k}": part @ 3 ** np.arange(part.shape[1]) for k, part in enumerate(parts)})
+
+    total = None
+    partials = directions.map_batches(partial_block, batch_format="pyarrow", batch_size=batch_size)
+    for batch in partials.iter_batches(batch_format="pyarrow", batch_size=None):
+        for blob in batch.column("partial").to_pylist():  # one per block: a few, not one per row
+            part = pickle.loads(blob)
+            total = part if total is None else add_partials(total, part)
+    if total is None or total["n"] == 0:
+        raise ValueError("no examples: the statistics are undefined")
+    codes = directions.map_batches(code_block, batch_format="pyarrow", batch_size=batch_size)
+    distinct = codes.groupby([f"code{k}" for k in range(-(-len(space) // CODE_DIGITS))]).count().count()
+    return statistics_from_partial(total, distinct, space)
+
+
+def _write_figures(stats: dict, out_dir: Path, space: PreferenceSpace, report_dir: Path | None) -> dict:
     correlation = stats.pop("correlation")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
