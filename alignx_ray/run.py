@@ -124,6 +124,15 @@ class Run:
             self._finished[name] = run_stage(self.report, name, self.dir(name), key, compute)
         return self._finished[name]
 
+    def ray_stage(self, name: str, key: str, compute: Callable[[], dict]) -> dict:
+        """A stage that runs on Ray: it joins the cluster (or starts a local one) first."""
+
+        def on_ray() -> dict:
+            init_ray(self.config.ray)
+            return compute()
+
+        return self.stage(name, key, on_ray)
+
     def statuses(self) -> dict[str, list[str]]:
         """Stage names by status ("reused", "resumed", "computed") in the order they ran."""
         out: dict[str, list[str]] = {}
@@ -185,7 +194,6 @@ class Run:
         )
 
         def compute() -> dict:
-            init_ray(self.config.ray)
             return run_annotate(
                 self.config.annotate,
                 self.dir("ingest") / "data",
@@ -195,12 +203,12 @@ class Run:
                 self.config.space,
             )
 
-        return self.stage("annotate", key, compute)
+        return self.ray_stage("annotate", key, compute)
 
     def pairs(self) -> dict:
         upstream = self.annotate()
         key = fingerprint(self.config.build.pairs, upstream["fingerprint"])
-        return self.stage(
+        return self.ray_stage(
             "pairs", key, lambda: run_pairs(self.config.build.pairs, self.dir("annotate"), self.dir("pairs"))
         )
 
@@ -208,7 +216,7 @@ class Run:
         upstream = self.pairs()
         cfg = self.config.build.personas
         key = fingerprint(cfg, upstream["fingerprint"])
-        return self.stage(
+        return self.ray_stage(
             "personas", key, lambda: run_personas(cfg, self.dir("annotate"), self.dir("pairs"), self.dir("personas"))
         )
 
@@ -219,7 +227,7 @@ class Run:
         cfg = self.config.build.demographics
         model = cfg.engine.model or self.annotation_model()
         key = fingerprint(cfg, self.config.prompts, self.config.space, upstream["fingerprint"], model)
-        return self.stage(
+        return self.ray_stage(
             "demographics",
             key,
             lambda: run_demographics(
@@ -241,7 +249,7 @@ class Run:
             stats = write_split_statistics(out / "train", out / "stats", self.config.space.build(), self.run_dir)
             return {**figures, "markdown": stats.pop("markdown"), "statistics": stats}
 
-        return self.stage("dataset", key, compute)
+        return self.ray_stage("dataset", key, compute)
 
     def policy_model(self) -> str:
         """The configured starting policy, or the demo's tiny model (built in the run directory)."""
@@ -264,13 +272,12 @@ class Run:
         key = fingerprint(cfg, self.config.prompts, upstream, model)
 
         def compute() -> dict:
-            init_ray(self.config.ray)
             storage = cfg.storage_path or str((self.dir(stage) / "ray").resolve())
             figures, final = run_training(cfg, model, dataset, storage, self.dir(stage), self.config.prompts)
             examples = training_examples(cfg, dataset, AutoTokenizer.from_pretrained(model), self.config.prompts)
             return {**figures, **fit_accuracy(final, model, examples), "model": final}
 
-        return self.stage(stage, key, compute)
+        return self.ray_stage(stage, key, compute)
 
     def evaluate(self, method: str, benchmark: str, name: str, upstream: str | None = None) -> dict:
         """The method's trained model against the starting model on one benchmark file
@@ -288,7 +295,6 @@ class Run:
         )
 
         def compute() -> dict:
-            init_ray(self.config.ray)
             return run_evaluation(
                 cfg,
                 benchmark,
@@ -301,7 +307,7 @@ class Run:
                 self.config.space.build(),
             )
 
-        return self.stage(stage, key, compute)
+        return self.ray_stage(stage, key, compute)
 
     def judge(self, benchmark: str, name: str, upstream: str | None = None) -> dict:
         """Judge win rate of the ICA model against the PBA model (the judge: `judge.engine.model`,
@@ -322,7 +328,6 @@ class Run:
         )
 
         def compute() -> dict:
-            init_ray(self.config.ray)
             args = (self.config.evaluate, benchmark)
             wins = run_judge(
                 cfg,
@@ -344,4 +349,4 @@ class Run:
             )
             return {"ica_vs_pba": wins, "ica_binary_choice": choice}
 
-        return self.stage(stage, key, compute)
+        return self.ray_stage(stage, key, compute)

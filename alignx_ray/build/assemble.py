@@ -7,10 +7,15 @@ d, where the pair and every persona show that direction on d and both behavioura
 have at least `test_items` items, n_d = min(per_cell, eligible positive, eligible negative).
 Its personas keep `test_items` sampled items. Every thread with a test example is left out
 of train, so no post of the test split is trained on.
+
+Ray layer: the stages' tables joined by pair_id (Ray Data hash joins), each cell's first
+candidates in draw order kept by a groupby (enough to make the draw exact, so the driver
+draws from a bounded table), then every example assembled in parallel and written by split.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray.data
 
 from alignx_ray.build.personas import example_consistent
 from alignx_ray.common import schema
@@ -53,24 +59,40 @@ def persona_directions(row: dict) -> list[np.ndarray]:
     return [np.asarray(row[k]) for k in keys if row.get(k) is not None]
 
 
-def select_test(rows: list[dict], config: AssembleConfig) -> dict[str, tuple[int, float]]:
-    """pair_id -> (dimension, direction) of the AlignX_test examples (see module docstring)."""
-    eligible = [
-        r
-        for r in rows
-        if len(r["ugc"]) >= config.test_items
-        and len(r["pair_feedback"]) >= config.test_items
-        and example_consistent(np.asarray(r["direction"]), persona_directions(r))
-    ]
-    order = sorted(eligible, key=lambda r: seeded_rng("test", config.seed, r["pair_id"]).random())
-    n_dims = len(rows[0]["direction"]) if rows else 0
-    shows = {}  # (d, v) -> pair ids showing v on d in the pair and in every persona, in draw order
-    for r in order:
-        agree = np.asarray(r["direction"]).copy()
-        for persona in persona_directions(r):
+def cell_candidates(rows: list[dict], config: AssembleConfig) -> list[tuple[int, float, float, str, str]]:
+    """(dimension, direction, draw key, pair_id, thread_id) for each cell an eligible example
+    can stand in: it has `test_items` items in both behavioural personas, is consistent, and
+    the pair and every persona show that direction on that dimension."""
+    out = []
+    for r in rows:
+        directions = persona_directions(r)
+        direction = np.asarray(r["direction"])
+        if min(len(r["ugc"]), len(r["pair_feedback"])) < config.test_items:
+            continue
+        if not example_consistent(direction, directions):
+            continue
+        key = seeded_rng("test", config.seed, r["pair_id"]).random()
+        agree = direction.copy()
+        for persona in directions:
             agree[persona != agree] = NEUTRAL
-        for d in np.flatnonzero(agree != NEUTRAL):
-            shows.setdefault((int(d), float(agree[d])), []).append(r["pair_id"])
+        out += [(int(d), float(agree[d]), key, r["pair_id"], r["thread_id"]) for d in np.flatnonzero(agree != NEUTRAL)]
+    return out
+
+
+def candidates_per_cell(config: AssembleConfig, n_dims: int) -> int:
+    """How many candidates of a cell, first in draw order, decide its draw: its own examples,
+    plus every test example that earlier cells may already have taken (at most two cells of
+    `test_per_cell` per dimension). Keeping only these makes the draw exact in bounded memory."""
+    return config.test_per_cell * (1 + 2 * n_dims)
+
+
+def draw_test(candidates: list[tuple[int, float, float, str, str]], config: AssembleConfig, n_dims: int) -> dict:
+    """pair_id -> (dimension, direction) of the AlignX_test examples (see module docstring):
+    per dimension in index order, the first `test_per_cell` not yet drawn of each direction,
+    in draw order (the seeded key, then the pair id), as many of each as the fuller has."""
+    shows: dict[tuple[int, float], list[str]] = {}
+    for d, v, _, pair_id, _ in sorted(candidates, key=lambda c: (c[2], c[3])):
+        shows.setdefault((d, v), []).append(pair_id)
     test: dict[str, tuple[int, float]] = {}
     for d in range(n_dims):
         if config.test_max is not None and len(test) >= config.test_max:
@@ -80,6 +102,12 @@ def select_test(rows: list[dict], config: AssembleConfig) -> dict[str, tuple[int
         for v, cell in zip(CELL_DIRECTIONS, cells):
             test.update({p: (d, v) for p in cell[:n]})
     return test
+
+
+def select_test(rows: list[dict], config: AssembleConfig) -> dict[str, tuple[int, float]]:
+    """pair_id -> (dimension, direction) of the AlignX_test examples of these rows."""
+    n_dims = len(rows[0]["direction"]) if rows else 0
+    return draw_test(cell_candidates(rows, config), config, n_dims)
 
 
 def to_example(row: dict, split: str, items: int | None, seed: int) -> dict:
@@ -141,49 +169,142 @@ def assemble_rows(
     return pa.Table.from_pylist(examples, schema.ALIGNX_SCHEMA), rejected
 
 
-def joined_rows(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None) -> list[dict]:
-    """One dict per pair, sorted by pair_id: its pair columns, personas and (when built) P_DEMO."""
-    parts = [pq.read_table(personas_dir / "data")]
-    if demographics_dir is not None:
-        parts.append(pq.read_table(demographics_dir / "data", columns=["pair_id", "demo_text", "demo_direction"]))
-    extra = [{r["pair_id"]: r for r in part.to_pylist()} for part in parts]
-    return [
-        {**pair, **{k: v for part in extra for k, v in part[pair["pair_id"]].items()}}
-        for pair in pq.read_table(pairs_dir / "data").sort_by("pair_id").to_pylist()
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        ("dimension", pa.int64()),
+        ("direction", pa.float64()),
+        ("key", pa.float64()),
+        ("pair_id", pa.string()),
+        ("thread_id", pa.string()),
     ]
+)
+# Assembled rows before the split: the examples, and the rejected pairs with their reason.
+STAGING_SCHEMA = schema.ALIGNX_SCHEMA.append(pa.field("reject", pa.string())).append(pa.field("thread_id", pa.string()))
+
+
+def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None):
+    """A Ray Dataset of one row per pair: its pair columns, personas and (when built) P_DEMO,
+    joined by pair_id with Ray Data's hash join (no table in the driver)."""
+    pairs = ray.data.read_parquet(str((pairs_dir / "data").resolve()))
+    personas = ray.data.read_parquet(str((personas_dir / "data").resolve()))
+    partitions = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    rows = pairs.join(personas, "inner", partitions, on=("pair_id",))
+    if demographics_dir is not None:
+        demo = ray.data.read_parquet(str((demographics_dir / "data").resolve()))
+        demo = demo.select_columns(["pair_id", "demo_text", "demo_direction"])
+        rows = rows.join(demo, "left_outer", partitions, on=("pair_id",))
+    return rows
 
 
 def run_assemble(
     config: AssembleConfig, pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None, out_dir: Path
 ) -> dict:
-    """The AlignX train and test splits (parquet in the official schema) and their rejects."""
+    """The AlignX train and test splits (parquet in the official schema) and their rejects.
+
+    The joined pairs are written once, then read twice: for the test draw's candidates (at
+    most `candidates_per_cell` per cell, kept by a Ray Data groupby, so the driver draws from
+    a bounded table), and to assemble every example in parallel, written by split."""
     started = time.time()
-    rows = joined_rows(pairs_dir, personas_dir, demographics_dir)
-    test = select_test(rows, config)
-    test_threads = {r["thread_id"] for r in rows if r["pair_id"] in test}
-    examples, rejected = assemble_rows(rows, test, test_threads, config)
+    staging = out_dir / "_staging"
+    for folder in (staging, out_dir / "train", out_dir / "test"):  # no partial output of a killed run
+        shutil.rmtree(folder, ignore_errors=True)
+    joined(pairs_dir, personas_dir, demographics_dir).write_parquet(str((staging / "joined").resolve()))
+    rows = ray.data.read_parquet(str((staging / "joined").resolve()))
+    n_dims = _direction_length(pairs_dir)
+    candidates = rows.map_batches(_candidate_rows, fn_args=(config,), batch_format="pyarrow")
+    kept = candidates.groupby(["dimension", "direction"]).map_groups(
+        _first_in_draw_order, fn_args=(candidates_per_cell(config, n_dims),), batch_format="pyarrow"
+    )
+    cells = _collect(kept, CANDIDATES_SCHEMA)
+    test = draw_test(list(zip(*(cells[c].to_pylist() for c in CANDIDATES_SCHEMA.names))), config, n_dims)
+    drawn = pc.is_in(cells["pair_id"], pa.array(list(test), pa.string()))
+    test_threads = set(pc.filter(cells["thread_id"], drawn).to_pylist())
+    examples = rows.map_batches(_example_rows, fn_args=(test, test_threads, config), batch_format="pyarrow")
+    examples.write_parquet(str((staging / "examples").resolve()))
+    assembled = ray.data.read_parquet(str((staging / "examples").resolve()))
     for split in ("train", "test"):
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        pq.write_table(examples.filter(pc.equal(examples["split"], split)), out_dir / split / "part-0.parquet")
+        assembled.map_batches(_of_split, fn_args=(split,), batch_format="pyarrow").write_parquet(
+            str((out_dir / split).resolve())
+        )
+        if not any((out_dir / split).glob("*.parquet")):  # an empty split is still a table
+            (out_dir / split).mkdir(parents=True, exist_ok=True)
+            pq.write_table(schema.ALIGNX_SCHEMA.empty_table(), out_dir / split / "part-0.parquet")
+    split_counts = assembled.select_columns(["split"]).groupby("split").count().take_all()
+    counts = {row["split"]: row["count()"] for row in split_counts}
+    bad = pq.read_table(
+        staging / "examples", columns=["example_id", "reject", "thread_id"], filters=pc.field("reject").is_valid()
+    )
+    write_rejected(
+        out_dir,
+        "assemble",
+        pa.table(
+            {
+                "stage": pa.array(["assemble"] * bad.num_rows, pa.string()),
+                "reason": bad["reject"],
+                "detail": bad["example_id"],
+                "thread_id": bad["thread_id"],
+            }
+        ),
+    )
+    shutil.rmtree(staging)
     pq.write_table(
         pa.table(
             {
-                "example_id": list(test),
-                "dimension": [d for d, _ in test.values()],
-                "direction": [v for _, v in test.values()],
+                "example_id": pa.array(list(test), pa.string()),
+                "dimension": pa.array([d for d, _ in test.values()], pa.int64()),
+                "direction": pa.array([v for _, v in test.values()], pa.float64()),
             }
         ),
         out_dir / "test_cells.parquet",
     )
-    write_rejected(out_dir, "assemble", rejected)
-    split = examples["split"].to_pylist()
-    reasons = Counter(r["reason"] for r in rejected)
     return {
-        "pairs_in": len(rows),
-        "train": split.count("train"),
-        "test": split.count("test"),
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(reasons),
+        "pairs_in": sum(counts.values()),
+        "train": counts.get("train", 0),
+        "test": counts.get("test", 0),
+        "rejected": bad.num_rows,
+        "rejected_by_reason": dict(Counter(bad["reject"].to_pylist())),
         "test_dimensions": len({d for d, _ in test.values()}),
         "seconds": round(time.time() - started, 2),
     }
+
+
+def _direction_length(pairs_dir: Path) -> int:
+    """D, from the first pair's direction (0 when there are no pairs)."""
+    for path in sorted((pairs_dir / "data").glob("*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1, columns=["direction"]):
+            return len(batch.column(0)[0])
+    return 0
+
+
+def _collect(ds, table_schema: pa.Schema) -> pa.Table:
+    """A small dataset's rows in the driver (bounded by construction)."""
+    tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    return pa.concat_tables([t.cast(table_schema) for t in tables]) if tables else table_schema.empty_table()
+
+
+def _candidate_rows(batch: pa.Table, config: AssembleConfig) -> pa.Table:
+    candidates = cell_candidates(batch.to_pylist(), config)
+    return pa.table([list(column) for column in zip(*candidates)] or [[]] * 5, schema=CANDIDATES_SCHEMA)
+
+
+def _first_in_draw_order(cell: pa.Table, keep: int) -> pa.Table:
+    return cell.sort_by([("key", "ascending"), ("pair_id", "ascending")]).slice(0, keep)
+
+
+def _example_rows(batch: pa.Table, test: dict, test_threads: set[str], config: AssembleConfig) -> pa.Table:
+    """A batch of joined pairs as STAGING_SCHEMA rows: its examples, then its rejected pairs."""
+    examples, rejected = assemble_rows(batch.to_pylist(), test, test_threads, config)
+    marked = [{"example_id": r["detail"], "reject": r["reason"], "thread_id": r["thread_id"]} for r in rejected]
+    nulls = {name: pa.nulls(examples.num_rows, STAGING_SCHEMA.field(name).type) for name in ("reject", "thread_id")}
+    return pa.concat_tables(
+        [
+            pa.table({**dict(zip(examples.column_names, examples.columns)), **nulls}, schema=STAGING_SCHEMA),
+            pa.Table.from_pylist(marked, STAGING_SCHEMA),
+        ]
+    )
+
+
+def _of_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.and_(pc.is_null(batch["reject"]), pc.equal(batch["split"], split))).select(
+        schema.ALIGNX_SCHEMA.names
+    )
