@@ -30,15 +30,16 @@ def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None
     )
 
 
-def _run(args):
-    """The configured Run of a stage command (`--input` replaces the config's `ingest.input`)."""
+def _run(args, run_dir: str | None):
+    """The configured Run of a command in `run_dir` (None: the config's run_dir); `--input`,
+    where the command has it, replaces the config's `ingest.input`."""
     # lazy: the stages import torch, transformers and Ray, which `alignx --help` does not need
     from alignx_ray.run import Run, RunConfig
 
     config = load_config(RunConfig, args.config, args.overrides)
     if getattr(args, "input", None):
         config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"input": args.input})})
-    return Run(config, Path(args.run_dir or config.run_dir))
+    return Run(config, Path(run_dir or config.run_dir))
 
 
 def _print_figures(figures: dict) -> None:
@@ -85,19 +86,19 @@ def cmd_demo(args) -> None:
 
 
 def cmd_annotate(args) -> None:
-    run = _run(args)
+    run = _run(args, args.run_dir)
     _print_figures(run.annotate())
     print(f"\nannotations: {run.dir('annotate') / 'data'}  report: {run.report.json_path}")
 
 
 def cmd_build(args) -> None:
-    run = _run(args)
+    run = _run(args, args.run_dir)
     _print_figures(run.dataset())
     print(f"\ndataset: {run.dir('dataset')}/{{train,test}}  report: {run.report.json_path}")
 
 
 def cmd_train(args) -> None:
-    run = _run(args)
+    run = _run(args, args.run_dir)
     figures = run.train(args.method)
     _print_figures(figures)
     print(f"\nmodel: {figures['model']}  report: {run.report.json_path}")
@@ -108,7 +109,7 @@ def cmd_evaluate(args) -> None:
     from alignx_ray.common.raydata import init_ray
     from alignx_ray.evaluate.accuracy import run_evaluation
 
-    run = _run(argparse.Namespace(**vars(args), run_dir=args.out))
+    run = _run(args, args.out)
     updates = {
         "personas": args.persona,
         "history_sizes": args.history,

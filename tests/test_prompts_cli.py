@@ -104,7 +104,7 @@ def test_stage_commands_run_on_the_code_defaults_and_take_input(tmp_path):
     parser = build_parser()
     for command in ("annotate", "build"):
         args = parser.parse_args([command, "--input", "threads.jsonl", "--run-dir", str(tmp_path)])
-        run = _run(args)
+        run = _run(args, args.run_dir)
         assert run.config.ingest.input == "threads.jsonl" and run.run_dir == tmp_path
         assert run.config.model_copy(update={"ingest": RunConfig().ingest}) == RunConfig()
         assert run.config.annotate.pool.num_gpus == 1 and run.config.evaluate.max_examples is None

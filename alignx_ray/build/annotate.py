@@ -116,7 +116,6 @@ def finish_stage(out_dir: Path, stage: str, started: float, written_before: set[
         stage,
         pa.table(
             {
-                "stage": [stage] * bad.num_rows,
                 "reason": bad[REJECT_COLUMN],
                 "thread_id": bad["thread_id"],
                 "response_id": bad["response_id"],
@@ -151,10 +150,15 @@ def finish_stage(out_dir: Path, stage: str, started: float, written_before: set[
     }
 
 
-def labelled_responses(annotate_dir: Path) -> pa.Table:
-    """The annotated responses that have levels (rejected ones are already in annotate/_rejected)."""
-    table = pq.read_table(
-        annotate_dir / "data",
-        columns=["thread_id", "response_id", "post", "response", "source", "levels", REJECT_COLUMN],
-    )
+# The columns of this stage's output that the dataset build reads.
+LABELLED_COLUMNS = ["thread_id", "response_id", "post", "response", "source", "levels", REJECT_COLUMN]
+
+
+def only_labelled(table: pa.Table) -> pa.Table:
+    """The responses of `table` that have levels (rejected ones are already in annotate/_rejected)."""
     return table.filter(pc.is_null(table[REJECT_COLUMN])).drop_columns([REJECT_COLUMN])
+
+
+def labelled_responses(annotate_dir: Path) -> pa.Table:
+    """The annotated responses that have levels, read whole."""
+    return only_labelled(pq.read_table(annotate_dir / "data", columns=LABELLED_COLUMNS))

@@ -239,7 +239,6 @@ def run_assemble(
         "assemble",
         pa.table(
             {
-                "stage": pa.array(["assemble"] * bad.num_rows, pa.string()),
                 "reason": bad["reject"],
                 "detail": bad["example_id"],
                 "thread_id": bad["thread_id"],

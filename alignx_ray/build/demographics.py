@@ -197,7 +197,7 @@ def run_demographics(
         out_dir,
         "demographics",
         [
-            {"stage": "demographics", "reason": r.split(":")[0], "detail": r, "response_id": p}
+            {"reason": r.split(":")[0], "detail": r, "response_id": p}
             for p, r in zip(bad["pair_id"].to_pylist(), bad["reject_reason"].to_pylist())
         ],
     )

@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.aggregate import Count, Sum
 
+from alignx_ray.build.annotate import LABELLED_COLUMNS, only_labelled
 from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import write_rejected
 from alignx_ray.common.schema import PAIRS_SCHEMA
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import compare_levels, intensity_embedding
-from alignx_ray.engines.labelling import REJECT_COLUMN
 
 
 class PairsConfig(Section):
@@ -145,7 +145,6 @@ def thread_pairs(thread: pa.Table, config: PairsConfig) -> tuple[list[dict], lis
 # `thread_responses` is the thread's response count on its first row only, so the figures
 # come from sums over this table.
 STAGING_SCHEMA = PAIRS_SCHEMA.append(pa.field("reject", pa.string())).append(pa.field("thread_responses", pa.int64()))
-RESPONSE_COLUMNS = ["thread_id", "response_id", "post", "response", "source", "levels", REJECT_COLUMN]
 
 
 def pairs_of_thread(thread: pa.Table, config: PairsConfig) -> pa.Table:
@@ -165,8 +164,8 @@ def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
     staging, data = out_dir / "_staging", out_dir / "data"
     for folder in (staging, data):  # a killed run's partial output must not be appended to
         shutil.rmtree(folder, ignore_errors=True)
-    responses = ray.data.read_parquet(str((annotate_dir / "data").resolve())).select_columns(RESPONSE_COLUMNS)
-    labelled = responses.map_batches(_labelled, batch_format="pyarrow")
+    responses = ray.data.read_parquet(str((annotate_dir / "data").resolve())).select_columns(LABELLED_COLUMNS)
+    labelled = responses.map_batches(only_labelled, batch_format="pyarrow")
     drawn = labelled.groupby("thread_id").map_groups(pairs_of_thread, fn_args=(config,), batch_format="pyarrow")
     drawn.write_parquet(str(staging.resolve()))
     if not any(staging.glob("*.parquet")):
@@ -185,7 +184,6 @@ def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
         "pairs",
         pa.table(
             {
-                "stage": ["pairs"] * bad.num_rows,
                 "reason": pc.list_element(pc.split_pattern(bad["reject"], ":", max_splits=1), 0),
                 "detail": bad["reject"],
                 "thread_id": bad["thread_id"],
@@ -200,11 +198,6 @@ def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
         "threads_rejected": counts["rejected"],
         "seconds": round(time.time() - started, 2),
     }
-
-
-def _labelled(batch: pa.Table) -> pa.Table:
-    """The responses that have levels (the rejected ones are in annotate/_rejected already)."""
-    return batch.filter(pc.is_null(batch[REJECT_COLUMN])).drop_columns([REJECT_COLUMN])
 
 
 def _good_pairs(batch: pa.Table) -> pa.Table:

@@ -114,16 +114,17 @@ def claim_workdir(work: Path, key: str) -> bool:
 def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> int:
     """A stage's rejected rows to `out_dir/_rejected/<stage>.parquet`; returns how many.
 
-    `rows` are dicts or a table holding some of `REJECTED_SCHEMA`'s columns (the rest null).
+    `rows` are dicts or a table holding some of `REJECTED_SCHEMA`'s columns (the rest null);
+    every row's `stage` is `stage`.
     """
-    if isinstance(rows, pa.Table):
-        columns = {
-            f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
-            for f in REJECTED_SCHEMA
-        }
-        table = pa.table(columns).cast(REJECTED_SCHEMA)
-    else:
-        table = pa.Table.from_pylist(rows, REJECTED_SCHEMA)
+    if not isinstance(rows, pa.Table):
+        rows = pa.Table.from_pylist(rows, REJECTED_SCHEMA)
+    columns = {
+        f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+        for f in REJECTED_SCHEMA
+    }
+    columns["stage"] = pa.array([stage] * rows.num_rows, pa.string())
+    table = pa.table(columns).cast(REJECTED_SCHEMA)
     (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out_dir / "_rejected" / f"{stage}.parquet")
     return table.num_rows

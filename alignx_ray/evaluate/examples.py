@@ -338,10 +338,7 @@ def read_examples(benchmark: str, config: EvalConfig, out_dir: Path, space: Pref
     write_rejected(
         out_dir,
         "evaluate",
-        [
-            {"stage": "evaluate", "reason": r["reason"], "raw": r["row"], "location": f"{benchmark}#{r['example_id']}"}
-            for r in rejected
-        ],
+        [{"reason": r["reason"], "raw": r["row"], "location": f"{benchmark}#{r['example_id']}"} for r in rejected],
     )
     return examples[: config.max_examples] if config.max_examples is not None else examples, len(rejected)
 
