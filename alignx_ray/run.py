@@ -244,7 +244,12 @@ class Run:
 
         def compute() -> dict:
             figures = run_assemble(
-                cfg, self.dir("pairs"), self.dir("personas"), self.dir("demographics") if demo else None, out
+                cfg,
+                self.dir("annotate"),
+                self.dir("pairs"),
+                self.dir("personas"),
+                self.dir("demographics") if demo else None,
+                out,
             )
             stats = write_split_statistics(out / "train", out / "stats", self.config.space.build(), self.run_dir)
             return {**figures, "markdown": stats.pop("markdown"), "statistics": stats}

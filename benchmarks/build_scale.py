@@ -108,7 +108,9 @@ def build_stages(work: Path, tokenizer_dir: Path):
         ),
         (
             "assemble",
-            lambda: run_assemble(AssembleConfig(), work / "pairs", work / "personas", None, work / "dataset"),
+            lambda: run_assemble(
+                AssembleConfig(), work / "annotate", work / "pairs", work / "personas", None, work / "dataset"
+            ),
             work / "dataset" / "train",
         ),
         (

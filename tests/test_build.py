@@ -131,7 +131,7 @@ def built(annotated_dir, tiny_model_dir, ray_local):
         ),
     }
     figures["assemble"] = run_assemble(
-        config.assemble, run / "pairs", run / "personas", run / "demographics", run / "dataset"
+        config.assemble, run / "annotate", run / "pairs", run / "personas", run / "demographics", run / "dataset"
     )
     return run, config, figures
 

@@ -43,7 +43,7 @@ def build(work: Path) -> dict[str, dict[str, str]]:
     synthetic.write_planted_annotations(config, work / "annotate" / "data")
     run_pairs(PairsConfig(), work / "annotate", work / "pairs")
     run_personas(PersonaConfig(pool=cpu_pool(1024)), work / "annotate", work / "pairs", work / "personas")
-    run_assemble(AssembleConfig(), work / "pairs", work / "personas", None, work / "dataset")
+    run_assemble(AssembleConfig(), work / "annotate", work / "pairs", work / "personas", None, work / "dataset")
     return {split: row_digests(work / "dataset" / split) for split in ("train", "test")}
 
 

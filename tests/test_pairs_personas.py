@@ -2,9 +2,10 @@
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from alignx_ray.build.assemble import AssembleConfig, assemble_rows, select_test
+from alignx_ray.build.assemble import AssembleConfig, assemble_rows, flat_items, nest_items, select_test, with_item_text
 from alignx_ray.build.pairs import PairsConfig, cluster_thread, draw_pairs, thread_pairs
 from alignx_ray.build.personas import PersonaConfig, Pool, consistent, example_consistent, persona_rows, vote
 from alignx_ray.common import schema
@@ -188,10 +189,56 @@ def joined(corpus, demo=None):
     personas = persona_rows(
         pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")), PersonaConfig(items=6)
     )
-    rows = [
-        {**p, **q, "demo_text": None, "demo_direction": demo} for p, q in zip(pairs.to_pylist(), personas.to_pylist())
-    ]
+    # The text that assembly joins to each item by id.
+    response_text = {r["response_id"]: r for r in responses.to_pylist()}
+    pair_text = {p["pair_id"]: p for p in pairs.to_pylist()}
+    rows = []
+    for p, q in zip(pairs.to_pylist(), personas.to_pylist()):
+        q["ugc"] = [
+            {
+                **u,
+                "prompt": response_text[u["response_id"]]["post"],
+                "comment": response_text[u["response_id"]]["response"],
+            }
+            for u in q["ugc"]
+        ]
+        q["pair_feedback"] = [{**pair_text[f["pair_id"]], **f} for f in q["pair_feedback"]]
+        rows.append({**p, **q, "demo_text": None, "demo_direction": demo})
     return rows
+
+
+def test_item_text_is_joined_by_id_and_regrouped_in_persona_order(corpus):
+    """Assembly's pure steps around its joins: items flattened with their position, the text
+    joined by id (here with Arrow's join, as Ray Data's does), regrouped per pair in order."""
+    responses, pairs = corpus
+    expected = joined(corpus)
+    pool_r, pool_p = Pool.of_responses(responses), Pool.of_pairs(pairs)
+    personas = persona_rows(
+        pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")), PersonaConfig(items=6)
+    )
+
+    def join_text(items: pa.Table, table: pa.Table, key: str, text: dict[str, str]) -> pa.Table:
+        rows = pc.index_in(items["item_id"], value_set=table[key])
+        for column, name in text.items():
+            items = items.append_column(name, table[column].take(rows))
+        return items
+
+    ugc = join_text(flat_items(personas, "ugc"), responses, "response_id", {"post": "prompt", "response": "comment"})
+    feedback = join_text(
+        flat_items(personas, "pair_feedback"), pairs, "pair_id", {c: c for c in ("prompt", "chosen", "rejected")}
+    )
+    items = pa.concat_tables([with_item_text(ugc), with_item_text(feedback)])
+    items = items.take(np.random.default_rng(0).permutation(items.num_rows))  # a join keeps no order
+    for want in expected:
+        group = items.filter(pc.equal(items["pair_id"], want["pair_id"]))
+        if group.num_rows == 0:
+            assert not want["ugc"] and not want["pair_feedback"]
+            continue
+        got = nest_items(group).to_pylist()[0]
+        assert got["ugc"] == want["ugc"]
+        assert got["pair_feedback"] == [
+            {k: f[k] for k in ("pair_id", "prompt", "chosen", "rejected", "direction")} for f in want["pair_feedback"]
+        ]
 
 
 def test_assemble_splits_are_balanced_disjoint_and_official(corpus):

@@ -157,8 +157,3 @@ LABELLED_COLUMNS = ["thread_id", "response_id", "post", "response", "source", "l
 def only_labelled(table: pa.Table) -> pa.Table:
     """The responses of `table` that have levels (rejected ones are already in annotate/_rejected)."""
     return table.filter(pc.is_null(table[REJECT_COLUMN])).drop_columns([REJECT_COLUMN])
-
-
-def labelled_responses(annotate_dir: Path) -> pa.Table:
-    """The annotated responses that have levels, read whole."""
-    return only_labelled(pq.read_table(annotate_dir / "data", columns=LABELLED_COLUMNS))

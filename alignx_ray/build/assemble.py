@@ -67,7 +67,7 @@ def cell_candidates(rows: list[dict], config: AssembleConfig) -> list[tuple[int,
     for r in rows:
         directions = persona_directions(r)
         direction = np.asarray(r["direction"])
-        if min(len(r["ugc"]), len(r["pair_feedback"])) < config.test_items:
+        if min(len(r["ugc"] or []), len(r["pair_feedback"] or [])) < config.test_items:
             continue
         if not example_consistent(direction, directions):
             continue
@@ -114,6 +114,7 @@ def to_example(row: dict, split: str, items: int | None, seed: int) -> dict:
     """One AlignX row; with `items`, each behavioural persona keeps that many, sampled."""
 
     def keep(persona: list, kind: str) -> list:
+        persona = persona or []  # a pair without items has no joined list
         if items is None:
             return persona
         rng = seeded_rng(kind, "test", seed, row["pair_id"])
@@ -182,13 +183,118 @@ CANDIDATES_SCHEMA = pa.schema(
 STAGING_SCHEMA = schema.ALIGNX_SCHEMA.append(pa.field("reject", pa.string())).append(pa.field("thread_id", pa.string()))
 
 
-def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None):
-    """A Ray Dataset of one row per pair: its pair columns, personas and (when built) P_DEMO,
-    joined by pair_id with Ray Data's hash join (no table in the driver)."""
+# A persona item with its text, as assembly joins it: a response (UGC) or a pair (PAIR).
+UGC_TEXT_ITEM = pa.struct(
+    [
+        ("response_id", pa.string()),
+        ("prompt", pa.string()),
+        ("comment", pa.string()),
+        ("direction", schema.DIRECTION_TYPE),
+    ]
+)
+PAIR_TEXT_ITEM = pa.struct(
+    [
+        ("pair_id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("direction", schema.DIRECTION_TYPE),
+    ]
+)
+# One persona item per row, between the text joins and the regrouping by pair.
+FLAT_ITEMS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("kind", pa.int8()),  # 0: UGC, 1: PAIR
+        ("position", pa.int32()),
+        ("item_id", pa.string()),
+        ("prompt", pa.string()),
+        ("comment", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("direction", schema.DIRECTION_TYPE),
+    ]
+)
+ITEM_KINDS = {"ugc": 0, "pair_feedback": 1}
+
+
+def flat_items(personas: pa.Table, column: str) -> pa.Table:
+    """One row per item of `column` (`ugc` or `pair_feedback`): its pair, position, id, direction."""
+    items = personas[column].combine_chunks()
+    lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(items)
+    starts = np.cumsum(lengths) - lengths
+    return pa.table(
+        {
+            "pair_id": pc.take(personas["pair_id"], pa.array(np.repeat(np.arange(len(lengths)), lengths))),
+            "kind": pa.array(np.full(len(flat), ITEM_KINDS[column], np.int8)),
+            "position": pa.array((np.arange(len(flat)) - np.repeat(starts, lengths)).astype(np.int32)),
+            "item_id": flat.field(0),
+            "direction": flat.field("direction"),
+        }
+    )
+
+
+def with_item_text(items: pa.Table) -> pa.Table:
+    """Joined items in FLAT_ITEMS_SCHEMA: the text columns a kind lacks are null."""
+    return pa.table(
+        {
+            f.name: items[f.name] if f.name in items.column_names else pa.nulls(items.num_rows, f.type)
+            for f in FLAT_ITEMS_SCHEMA
+        },
+        schema=FLAT_ITEMS_SCHEMA,
+    )
+
+
+def nest_items(group: pa.Table) -> pa.Table:
+    """One pair's joined items -> one row: its `ugc` and `pair_feedback` lists, in persona order."""
+    group = group.sort_by([("kind", "ascending"), ("position", "ascending")])
+    lists = {}
+    for column, kind in ITEM_KINDS.items():
+        part = group.filter(pc.equal(group["kind"], kind))
+        names = ["item_id", "prompt", "comment"] if kind == 0 else ["item_id", "prompt", "chosen", "rejected"]
+        item_type = UGC_TEXT_ITEM if kind == 0 else PAIR_TEXT_ITEM
+        structs = pa.StructArray.from_arrays(
+            [part[n].combine_chunks() for n in names + ["direction"]], fields=list(item_type)
+        )
+        lists[column] = pa.ListArray.from_arrays(pa.array([0, part.num_rows], pa.int32()), structs)
+    return pa.table({"pair_id": group["pair_id"].slice(0, 1), **lists})
+
+
+def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None, annotate_dir: Path):
+    """A Ray Dataset of one row per pair: its pair columns, personas and (when built) P_DEMO.
+
+    Personas name their items by id; here, once, each item gets its text: UGC items from the
+    annotated responses, PAIR items from the pairs, by Ray Data hash joins, then regrouped by
+    pair. Everything is joined by pair_id the same way, so no table passes through the driver."""
     pairs = ray.data.read_parquet(str((pairs_dir / "data").resolve()))
     personas = ray.data.read_parquet(str((personas_dir / "data").resolve()))
+    responses = ray.data.read_parquet(str((annotate_dir / "data").resolve()))
     partitions = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-    rows = pairs.join(personas, "inner", partitions, on=("pair_id",))
+    ugc = personas.map_batches(flat_items, fn_args=("ugc",), batch_format="pyarrow").join(
+        responses.select_columns(["response_id", "post", "response"]).rename_columns(
+            {"response_id": "item_id", "post": "prompt", "response": "comment"}
+        ),
+        "inner",
+        partitions,
+        on=("item_id",),
+    )
+    feedback = personas.map_batches(flat_items, fn_args=("pair_feedback",), batch_format="pyarrow").join(
+        pairs.select_columns(["pair_id", "prompt", "chosen", "rejected"]).rename_columns({"pair_id": "item_id"}),
+        "inner",
+        partitions,
+        on=("item_id",),
+    )
+    items = (
+        ugc.map_batches(with_item_text, batch_format="pyarrow")
+        .union(feedback.map_batches(with_item_text, batch_format="pyarrow"))
+        .groupby("pair_id")
+        .map_groups(nest_items, batch_format="pyarrow")
+    )
+    votes = personas.select_columns(["pair_id", "ugc_direction", "pair_direction"])
+    rows = pairs.join(votes, "inner", partitions, on=("pair_id",)).join(
+        items, "left_outer", partitions, on=("pair_id",)
+    )
     if demographics_dir is not None:
         demo = ray.data.read_parquet(str((demographics_dir / "data").resolve()))
         demo = demo.select_columns(["pair_id", "demo_text", "demo_direction"])
@@ -197,7 +303,12 @@ def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None):
 
 
 def run_assemble(
-    config: AssembleConfig, pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None, out_dir: Path
+    config: AssembleConfig,
+    annotate_dir: Path,
+    pairs_dir: Path,
+    personas_dir: Path,
+    demographics_dir: Path | None,
+    out_dir: Path,
 ) -> dict:
     """The AlignX train and test splits (parquet in the official schema) and their rejects.
 
@@ -208,7 +319,7 @@ def run_assemble(
     staging = out_dir / "_staging"
     for folder in (staging, out_dir / "train", out_dir / "test"):  # no partial output of a killed run
         shutil.rmtree(folder, ignore_errors=True)
-    joined(pairs_dir, personas_dir, demographics_dir).write_parquet(str((staging / "joined").resolve()))
+    joined(pairs_dir, personas_dir, demographics_dir, annotate_dir).write_parquet(str((staging / "joined").resolve()))
     rows = ray.data.read_parquet(str((staging / "joined").resolve()))
     n_dims = _direction_length(pairs_dir)
     candidates = rows.map_batches(_candidate_rows, fn_args=(config,), batch_format="pyarrow")

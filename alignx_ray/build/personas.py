@@ -24,12 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from alignx_ray.build.annotate import labelled_responses
+from alignx_ray.build.annotate import only_labelled
 from alignx_ray.common.config import PoolConfig, Section
 from alignx_ray.common.raydata import map_resumable
 from alignx_ray.common.schema import PERSONAS_SCHEMA
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL, level_to_direction
+from alignx_ray.engines.labelling import REJECT_COLUMN
 from alignx_ray.engines.retrieval import IndexKind, LevelIndex, min_equal_dims
 
 
@@ -88,35 +89,68 @@ def example_consistent(direction: np.ndarray, personas: list[np.ndarray]) -> boo
     return bool(agree.any())
 
 
+def list_matrix(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
+    """A list column of equal-length rows as an (N, D) array, without a Python row loop."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return flat.astype(dtype, copy=False).reshape(len(column), -1)
+
+
 @dataclass(frozen=True)
 class Pool:
-    """What personas are drawn from: responses (for UGC) or pairs (for PAIR), sorted by id,
-    with the arrays the search and the filters need."""
+    """What personas are drawn from, in compact codes: responses (for UGC) or pairs (for PAIR),
+    sorted by id. No text: an item is named by its id, and assembly joins its text once.
 
-    table: pa.Table
-    thread_ids: np.ndarray  # (N,) str
+    Per response, a pool holds its id, a thread code and D uint8 levels (the FAISS fast-scan
+    index adds D/2 bytes): about 4M responses per GiB at D = 90."""
+
+    ids: pa.Array  # (N,) string
+    threads: np.ndarray  # (N,) int32: index of the row's thread in `thread_names`
+    thread_names: pa.Array  # distinct thread ids
     levels: np.ndarray  # (N, D) uint8: response levels, or the pairs' chosen levels
-    directions: np.ndarray  # (N, D) float: each item's own direction
+    pair_directions: np.ndarray | None = None  # (N, D) float32, pairs only
     rejected_levels: np.ndarray | None = None  # (N, D) uint8, pairs only
 
     @classmethod
     def of_responses(cls, responses: pa.Table) -> Pool:
-        table = responses.select(["response_id", "thread_id", "post", "response", "levels"]).sort_by("response_id")
-        levels = np.array(table["levels"].to_pylist(), dtype=np.uint8)
-        return cls(table, np.array(table["thread_id"].to_pylist()), levels, level_to_direction(levels))
+        table = responses.select(["response_id", "thread_id", "levels"]).sort_by("response_id")
+        threads = table["thread_id"].combine_chunks().dictionary_encode()
+        return cls(
+            table["response_id"].combine_chunks(),
+            threads.indices.to_numpy().astype(np.int32),
+            threads.dictionary,
+            list_matrix(table["levels"], np.uint8),
+        )
 
     @classmethod
     def of_pairs(cls, pairs: pa.Table) -> Pool:
-        table = pairs.select(
-            ["pair_id", "thread_id", "prompt", "chosen", "rejected", "chosen_levels", "rejected_levels", "direction"]
-        ).sort_by("pair_id")
+        table = pairs.select(["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"])
+        table = table.sort_by("pair_id")
+        threads = table["thread_id"].combine_chunks().dictionary_encode()
         return cls(
-            table,
-            np.array(table["thread_id"].to_pylist()),
-            np.array(table["chosen_levels"].to_pylist(), dtype=np.uint8),
-            np.array(table["direction"].to_pylist(), dtype=np.float64),
-            np.array(table["rejected_levels"].to_pylist(), dtype=np.uint8),
+            table["pair_id"].combine_chunks(),
+            threads.indices.to_numpy().astype(np.int32),
+            threads.dictionary,
+            list_matrix(table["chosen_levels"], np.uint8),
+            list_matrix(table["direction"], np.float32),
+            list_matrix(table["rejected_levels"], np.uint8),
         )
+
+    @property
+    def is_pairs(self) -> bool:
+        return self.rejected_levels is not None
+
+    def directions(self, rows: np.ndarray) -> np.ndarray:
+        """(n, D) float64 directions of the given rows: a pair's own, a response's level against
+        the median."""
+        if self.is_pairs:
+            return self.pair_directions[rows].astype(np.float64)
+        return level_to_direction(self.levels[rows])
+
+    def thread_codes(self, thread_ids: pa.Array) -> np.ndarray:
+        """Each thread id's code in this pool (-1 for a thread the pool does not hold)."""
+        codes = pc.index_in(thread_ids, value_set=self.thread_names)
+        return pc.fill_null(codes, -1).to_numpy().astype(np.int32)
 
     def index(self, kind: IndexKind) -> LevelIndex:
         return LevelIndex(self.levels, kind)
@@ -124,78 +158,86 @@ class Pool:
 
 def select_items(pairs: pa.Table, pool: Pool, index: LevelIndex, config: PersonaConfig) -> list[np.ndarray]:
     """Pool rows of each pair's persona, in sampled order: UGC items for a pool of responses,
-    PAIR items for a pool of pairs."""
-    is_pairs = pool.rejected_levels is not None
+    PAIR items for a pool of pairs. The loop is per query (each pair's seeded draw), over its
+    `candidates` neighbours only."""
     need = min_equal_dims(config.threshold, pool.levels.shape[1])
-    chosen = np.array(pairs["chosen_levels"].to_pylist(), dtype=np.uint8)
-    rejected = np.array(pairs["rejected_levels"].to_pylist(), dtype=np.uint8)
+    chosen = list_matrix(pairs["chosen_levels"], np.uint8)
+    rejected = list_matrix(pairs["rejected_levels"], np.uint8)
+    directions = list_matrix(pairs["direction"], np.float64)
+    own_threads = pool.thread_codes(pairs["thread_id"].combine_chunks())
     equal, rows = index.search(chosen, config.candidates)
     # When the index holds more than `candidates` rows, the tie at the last score may be cut
     # anywhere, and each index orders ties its own way: only scores above it are kept.
     cut = equal[:, -1:] if len(index) > config.candidates else np.full((len(rows), 1), -1)
     out = []
-    for i, (pair_id, thread_id, direction) in enumerate(
-        zip(pairs["pair_id"].to_pylist(), pairs["thread_id"].to_pylist(), pairs["direction"].to_pylist())
-    ):
+    for i, pair_id in enumerate(pairs["pair_id"].to_pylist()):
         keep = (rows[i] >= 0) & (equal[i] >= need) & (equal[i] > cut[i])
-        keep[keep] = pool.thread_ids[rows[i][keep]] != thread_id
+        keep[keep] = pool.threads[rows[i][keep]] != own_threads[i]
         cand, score = rows[i][keep], equal[i][keep]
-        if is_pairs:
+        if pool.is_pairs:
             cand = cand[(pool.rejected_levels[cand] == rejected[i]).sum(axis=1) >= need]
         else:  # the most similar response of each thread; ties to the smaller row
             order = np.lexsort((cand, -score))
-            _, first = np.unique(pool.thread_ids[cand[order]], return_index=True)
+            _, first = np.unique(pool.threads[cand[order]], return_index=True)
             cand = cand[order][first]
         cand = np.sort(cand)  # sampling must not depend on FAISS's order among ties
-        cand = cand[consistent(pool.directions[cand], np.asarray(direction))]
-        rng = seeded_rng("pair" if is_pairs else "ugc", config.seed, pair_id)
+        cand = cand[consistent(pool.directions(cand), directions[i])]
+        rng = seeded_rng("pair" if pool.is_pairs else "ugc", config.seed, pair_id)
         out.append(cand[rng.permutation(len(cand))[: config.items]])
     return out
+
+
+def persona_column(pool: Pool, items: list[np.ndarray], id_name: str, item_type: pa.DataType) -> pa.Array:
+    """Each pair's items as a list of {id, direction}, built column-wise."""
+    rows = np.concatenate(items) if items else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in items])]).astype(np.int32)
+    n_dims = pool.levels.shape[1]
+    directions = pa.FixedSizeListArray.from_arrays(pool.directions(rows).ravel(), n_dims).cast(pa.list_(pa.float64()))
+    structs = pa.StructArray.from_arrays([pool.ids.take(rows), directions], names=[id_name, "direction"])
+    return pa.ListArray.from_arrays(pa.array(offsets), structs).cast(item_type)
+
+
+def voted_column(pool: Pool, items: list[np.ndarray]) -> pa.Array:
+    """Each persona's voted direction; null for an empty persona."""
+    return pa.array([vote(pool.directions(x)).tolist() if len(x) else None for x in items], pa.list_(pa.float64()))
 
 
 def persona_rows(
     pairs: pa.Table, responses: Pool, pair_pool: Pool, indexes: tuple[LevelIndex, LevelIndex], config: PersonaConfig
 ) -> pa.Table:
-    """P_UGC and P_PAIR of every pair in `pairs`; an empty persona has a null voted direction."""
-    ugc_rows = select_items(pairs, responses, indexes[0], config)
-    pair_rows = select_items(pairs, pair_pool, indexes[1], config)
-    out = []
-    for pair_id, ugc, fb in zip(pairs["pair_id"].to_pylist(), ugc_rows, pair_rows):
-        r, p = responses.table.take(ugc), pair_pool.table.take(fb)
-        ugc_dirs, pair_dirs = responses.directions[ugc], pair_pool.directions[fb]
-        out.append(
-            {
-                "pair_id": pair_id,
-                "ugc": [
-                    {"response_id": i, "prompt": x, "comment": y, "direction": d.tolist()}
-                    for i, x, y, d in zip(
-                        r["response_id"].to_pylist(), r["post"].to_pylist(), r["response"].to_pylist(), ugc_dirs
-                    )
-                ],
-                "pair_feedback": [
-                    {"pair_id": i, "prompt": x, "chosen": w, "rejected": lo, "direction": d.tolist()}
-                    for i, x, w, lo, d in zip(
-                        p["pair_id"].to_pylist(),
-                        p["prompt"].to_pylist(),
-                        p["chosen"].to_pylist(),
-                        p["rejected"].to_pylist(),
-                        pair_dirs,
-                    )
-                ],
-                "ugc_direction": vote(ugc_dirs).tolist() if len(ugc) else None,
-                "pair_direction": vote(pair_dirs).tolist() if len(fb) else None,
-            }
-        )
-    return pa.Table.from_pylist(out, PERSONAS_SCHEMA)
+    """P_UGC and P_PAIR of every pair in `pairs` (item ids and directions); an empty persona
+    has a null voted direction."""
+    ugc = select_items(pairs, responses, indexes[0], config)
+    feedback = select_items(pairs, pair_pool, indexes[1], config)
+    columns = {
+        "pair_id": pairs["pair_id"].combine_chunks(),
+        "ugc": persona_column(responses, ugc, "response_id", PERSONAS_SCHEMA.field("ugc").type),
+        "pair_feedback": persona_column(pair_pool, feedback, "pair_id", PERSONAS_SCHEMA.field("pair_feedback").type),
+        "ugc_direction": voted_column(responses, ugc),
+        "pair_direction": voted_column(pair_pool, feedback),
+    }
+    return pa.table(columns, schema=PERSONAS_SCHEMA)
+
+
+@ray.remote
+def compact_pools(annotate_dir: Path, pairs_dir: Path) -> tuple[Pool, Pool]:
+    """Both pools, built in a task (not the driver) from the id, thread and level columns
+    only, and put in the object store once: every actor on a node maps the same arrays."""
+    responses = only_labelled(
+        pq.read_table(annotate_dir / "data", columns=["response_id", "thread_id", "levels", REJECT_COLUMN])
+    )
+    pairs = pq.read_table(
+        pairs_dir / "data", columns=["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"]
+    )
+    return Pool.of_responses(responses), Pool.of_pairs(pairs)
 
 
 class PersonaUDF:
-    """Ray Data actor holding both pools and their FAISS indexes, built once per actor."""
+    """Ray Data actor holding both pools' FAISS indexes, built once per actor."""
 
-    def __init__(self, responses_ref: list, pairs_ref: list, config: PersonaConfig):
+    def __init__(self, pools_ref: list, config: PersonaConfig):
         self.config = config
-        self.responses = Pool.of_responses(ray.get(responses_ref[0]))
-        self.pairs = Pool.of_pairs(ray.get(pairs_ref[0]))
+        self.responses, self.pairs = ray.get(pools_ref[0])
         self.indexes = (self.responses.index(config.index), self.pairs.index(config.index))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -205,15 +247,15 @@ class PersonaUDF:
 def run_personas(config: PersonaConfig, annotate_dir: Path, pairs_dir: Path, out_dir: Path) -> dict:
     """P_UGC and P_PAIR for every pair; resumable by `pair_id`."""
     started = time.time()
-    responses = ray.put(labelled_responses(annotate_dir))
-    pairs = ray.put(pq.read_table(pairs_dir / "data"))
+    pools = compact_pools.remote(annotate_dir.resolve(), pairs_dir.resolve())
     map_resumable(
         pairs_dir / "data",
         out_dir / "data",
         "pair_id",
         PersonaUDF,
-        dict(responses_ref=[responses], pairs_ref=[pairs], config=config),
+        dict(pools_ref=[pools], config=config),
         config.pool,
+        columns=["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"],
     )
     table = pq.read_table(out_dir / "data", columns=["ugc", "pair_feedback"])
     ugc, fb = pc.list_value_length(table["ugc"]), pc.list_value_length(table["pair_feedback"])

@@ -64,8 +64,17 @@ def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
     return cpus, gpus
 
 
-def map_resumable(source: Path, output: Path, id_column: str, udf: type, udf_kwargs: dict, pool: PoolConfig) -> None:
-    """read_parquet(source) -> map_batches(udf actors) -> write_parquet(output), checkpointed.
+def map_resumable(
+    source: Path,
+    output: Path,
+    id_column: str,
+    udf: type,
+    udf_kwargs: dict,
+    pool: PoolConfig,
+    columns: list[str] | None = None,
+) -> None:
+    """read_parquet(source) -> map_batches(udf actors) -> write_parquet(output), checkpointed;
+    `columns`: only these reach the actors (None: all).
 
     Ray Data's CheckpointConfig records the ids of written rows beside `output` and filters
     them out of the input of a re-run (two-phase commit), so a killed stage resumes.
@@ -82,6 +91,8 @@ def map_resumable(source: Path, output: Path, id_column: str, udf: type, udf_kwa
     num_cpus, num_gpus = fit_local(pool.num_cpus, pool.num_gpus)
     try:
         ds = ray.data.read_parquet(str(source.resolve()))
+        if columns is not None:
+            ds = ds.select_columns(columns)
         low, high = pool.concurrency
         ds = ds.map_batches(
             udf,

@@ -72,23 +72,9 @@ PAIRS_SCHEMA = pa.schema(
         ("source", pa.string()),
     ]
 )
-PERSONA_UGC_ITEM = pa.struct(
-    [
-        ("response_id", pa.string()),
-        ("prompt", pa.string()),
-        ("comment", pa.string()),
-        ("direction", pa.list_(pa.float64())),
-    ]
-)
-PERSONA_PAIR_ITEM = pa.struct(
-    [
-        ("pair_id", pa.string()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-        ("direction", pa.list_(pa.float64())),
-    ]
-)
+# Persona items name their source by id (no text; assembly joins it) with its direction.
+PERSONA_UGC_ITEM = pa.struct([("response_id", pa.string()), ("direction", pa.list_(pa.float64()))])
+PERSONA_PAIR_ITEM = pa.struct([("pair_id", pa.string()), ("direction", pa.list_(pa.float64()))])
 PERSONAS_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
