@@ -29,7 +29,7 @@ import ray.data
 from alignx_ray.build.personas import example_consistent
 from alignx_ray.common import schema
 from alignx_ray.common.config import Section
-from alignx_ray.common.raydata import write_rejected
+from alignx_ray.common.raydata import shuffle_partitions, write_rejected
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL
 
@@ -270,7 +270,7 @@ def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None, a
     pairs = ray.data.read_parquet(str((pairs_dir / "data").resolve()))
     personas = ray.data.read_parquet(str((personas_dir / "data").resolve()))
     responses = ray.data.read_parquet(str((annotate_dir / "data").resolve()))
-    partitions = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    partitions = shuffle_partitions(pairs_dir / "data", personas_dir / "data", annotate_dir / "data")
     ugc = personas.map_batches(flat_items, fn_args=("ugc",), batch_format="pyarrow").join(
         responses.select_columns(["response_id", "post", "response"]).rename_columns(
             {"response_id": "item_id", "post": "prompt", "response": "comment"}
@@ -288,7 +288,7 @@ def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None, a
     items = (
         ugc.map_batches(with_item_text, batch_format="pyarrow")
         .union(feedback.map_batches(with_item_text, batch_format="pyarrow"))
-        .groupby("pair_id")
+        .groupby("pair_id", num_partitions=partitions)
         .map_groups(nest_items, batch_format="pyarrow")
     )
     votes = personas.select_columns(["pair_id", "ugc_direction", "pair_direction"])
@@ -323,7 +323,7 @@ def run_assemble(
     rows = ray.data.read_parquet(str((staging / "joined").resolve()))
     n_dims = _direction_length(pairs_dir)
     candidates = rows.map_batches(_candidate_rows, fn_args=(config,), batch_format="pyarrow")
-    kept = candidates.groupby(["dimension", "direction"]).map_groups(
+    kept = candidates.groupby(["dimension", "direction"], num_partitions=shuffle_partitions()).map_groups(
         _first_in_draw_order, fn_args=(candidates_per_cell(config, n_dims),), batch_format="pyarrow"
     )
     cells = _collect(kept, CANDIDATES_SCHEMA)
@@ -340,7 +340,9 @@ def run_assemble(
         if not any((out_dir / split).glob("*.parquet")):  # an empty split is still a table
             (out_dir / split).mkdir(parents=True, exist_ok=True)
             pq.write_table(schema.ALIGNX_SCHEMA.empty_table(), out_dir / split / "part-0.parquet")
-    split_counts = assembled.select_columns(["split"]).groupby("split").count().take_all()
+    split_counts = (
+        assembled.select_columns(["split"]).groupby("split", num_partitions=shuffle_partitions()).count().take_all()
+    )
     counts = {row["split"]: row["count()"] for row in split_counts}
     bad = pq.read_table(
         staging / "examples", columns=["example_id", "reject", "thread_id"], filters=pc.field("reject").is_valid()

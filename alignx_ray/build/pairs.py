@@ -22,7 +22,7 @@ from ray.data.aggregate import Count, Sum
 
 from alignx_ray.build.annotate import LABELLED_COLUMNS, only_labelled
 from alignx_ray.common.config import Section
-from alignx_ray.common.raydata import write_rejected
+from alignx_ray.common.raydata import shuffle_partitions, write_rejected
 from alignx_ray.common.schema import PAIRS_SCHEMA
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import compare_levels, intensity_embedding
@@ -53,8 +53,8 @@ def cluster_thread(levels: np.ndarray, k: int, seed: int, iterations: int = 25) 
     """
     import faiss
 
-    _, first, inverse = np.unique(levels, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    rows = np.ascontiguousarray(levels, dtype=np.uint8).view(np.dtype((np.void, levels.shape[1])))[:, 0]
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)  # distinct level vectors
     if len(first) <= k:
         order = np.argsort(np.argsort(first))  # number clusters by first appearance
         return order[inverse]
@@ -166,7 +166,9 @@ def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     responses = ray.data.read_parquet(str((annotate_dir / "data").resolve())).select_columns(LABELLED_COLUMNS)
     labelled = responses.map_batches(only_labelled, batch_format="pyarrow")
-    drawn = labelled.groupby("thread_id").map_groups(pairs_of_thread, fn_args=(config,), batch_format="pyarrow")
+    drawn = labelled.groupby("thread_id", num_partitions=shuffle_partitions(annotate_dir / "data")).map_groups(
+        pairs_of_thread, fn_args=(config,), batch_format="pyarrow"
+    )
     drawn.write_parquet(str(staging.resolve()))
     if not any(staging.glob("*.parquet")):
         raise ValueError(f"no labelled responses in {annotate_dir / 'data'}")

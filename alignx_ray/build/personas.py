@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.aggregate import Count, Mean, Sum
 
 from alignx_ray.build.annotate import only_labelled
 from alignx_ray.common.config import PoolConfig, Section
@@ -257,13 +258,35 @@ def run_personas(config: PersonaConfig, annotate_dir: Path, pairs_dir: Path, out
         config.pool,
         columns=["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"],
     )
-    table = pq.read_table(out_dir / "data", columns=["ugc", "pair_feedback"])
-    ugc, fb = pc.list_value_length(table["ugc"]), pc.list_value_length(table["pair_feedback"])
+    sizes = (
+        ray.data.read_parquet(str((out_dir / "data").resolve()))
+        .select_columns(["ugc", "pair_feedback"])
+        .map_batches(_persona_sizes, batch_format="pyarrow")
+        .aggregate(
+            Count(alias_name="pairs"),
+            Mean("ugc", alias_name="ugc_items_mean"),
+            Mean("pair", alias_name="pair_items_mean"),
+            Sum("without_ugc", alias_name="without_ugc"),
+            Sum("without_pair", alias_name="without_pair"),
+        )
+    )
     return {
-        "pairs": table.num_rows,
+        "pairs": sizes["pairs"],
         "seconds": round(time.time() - started, 2),
-        "ugc_items_mean": round(pc.mean(ugc).as_py() or 0, 2),
-        "pair_items_mean": round(pc.mean(fb).as_py() or 0, 2),
-        "without_ugc": pc.sum(pc.equal(ugc, 0)).as_py() or 0,
-        "without_pair": pc.sum(pc.equal(fb, 0)).as_py() or 0,
+        "ugc_items_mean": round(sizes["ugc_items_mean"] or 0, 2),
+        "pair_items_mean": round(sizes["pair_items_mean"] or 0, 2),
+        "without_ugc": sizes["without_ugc"] or 0,
+        "without_pair": sizes["without_pair"] or 0,
     }
+
+
+def _persona_sizes(batch: pa.Table) -> pa.Table:
+    ugc, pair = pc.list_value_length(batch["ugc"]), pc.list_value_length(batch["pair_feedback"])
+    return pa.table(
+        {
+            "ugc": ugc,
+            "pair": pair,
+            "without_ugc": pc.cast(pc.equal(ugc, 0), pa.int64()),
+            "without_pair": pc.cast(pc.equal(pair, 0), pa.int64()),
+        }
+    )

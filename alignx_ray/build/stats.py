@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from alignx_ray.common.raydata import shuffle_partitions
 from alignx_ray.common.schema import DIRECTION
 from alignx_ray.common.space import NEGATIVE, NEUTRAL, POSITIVE, SPACE, PreferenceSpace
 
@@ -215,7 +216,11 @@ def split_statistics(split_dir: Path, space: PreferenceSpace = SPACE, batch_size
     if total is None or total["n"] == 0:
         raise ValueError("no examples: the statistics are undefined")
     codes = directions.map_batches(code_block, batch_format="pyarrow", batch_size=batch_size)
-    distinct = codes.groupby([f"code{k}" for k in range(-(-len(space) // CODE_DIGITS))]).count().count()
+    distinct = (
+        codes.groupby([f"code{k}" for k in range(-(-len(space) // CODE_DIGITS))], num_partitions=shuffle_partitions())
+        .count()
+        .count()
+    )
     return statistics_from_partial(total, distinct, space)
 
 

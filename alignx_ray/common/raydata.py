@@ -64,6 +64,22 @@ def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
     return cpus, gpus
 
 
+def shuffle_partitions(*folders: Path, partition_bytes: int = 256 * 2**20) -> int:
+    """Partitions of a hash shuffle (a join or groupby) over these parquet folders: enough that
+    each holds about `partition_bytes` of their uncompressed data, so no worker's memory grows
+    with the dataset, and at least one per two CPUs of the cluster, so every node works.
+    Sizes come from the files' footers (the driver reads no rows)."""
+    import ray
+
+    def uncompressed(path: Path) -> int:
+        meta = pq.read_metadata(path)
+        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+    size = sum(uncompressed(f) for folder in folders for f in sorted(folder.rglob("*.parquet")))
+    cpus = ray.cluster_resources().get("CPU", 2) if ray.is_initialized() else os.cpu_count() or 2
+    return max(1, int(cpus) // 2, -(-size // partition_bytes))
+
+
 def map_resumable(
     source: Path,
     output: Path,
