@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 from transformers import AutoTokenizer
 
 from alignx_ray.build.annotate import AnnotateConfig, run_annotate
@@ -31,7 +33,8 @@ from alignx_ray.common.config import RayConfig, Section, SpaceConfig
 from alignx_ray.common.prompts import PromptTemplates
 from alignx_ray.common.raydata import claim_workdir, init_ray
 from alignx_ray.common.seeding import fingerprint
-from alignx_ray.evaluate.accuracy import run_evaluation
+from alignx_ray.engines.logprobs import reward_margin
+from alignx_ray.evaluate.accuracy import run_evaluation, score_resumable
 from alignx_ray.evaluate.eval_config import EvalConfig
 from alignx_ray.evaluate.judge import JudgeConfig, run_binary_choice, run_judge
 from alignx_ray.fixtures import synthetic
@@ -39,7 +42,8 @@ from alignx_ray.fixtures.tiny import TinyModelSpec, build_tiny_model
 from alignx_ray.fixtures.tiny_annotator import AnnotatorConfig, build_annotator
 from alignx_ray.report import RunReport
 from alignx_ray.train.dpo_config import TrainConfig
-from alignx_ray.train.dpo_trainer import fit_accuracy, run_training, training_examples
+from alignx_ray.train.dpo_data import prepare_training_data, prepared_head
+from alignx_ray.train.dpo_trainer import run_training
 
 
 class BuildConfig(Section):
@@ -78,6 +82,23 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     judge: JudgeConfig = JudgeConfig()
+
+
+def fit_accuracy(prepared: Path, n: int, config: EvalConfig, policy: str, reference: str, work: Path) -> dict:
+    """Alignment accuracy (the evaluation's rule, `reward_margin` > 0) of `policy` on the first
+    n prepared training examples, scored by the evaluation's scorer actors: a bounded sample,
+    and no model in the driver."""
+    sample = prepared_head(prepared, n)
+    table = pa.table(
+        {
+            "row_id": sample["example_id"],
+            "prompt_text": sample["prompt"],
+            "chosen": sample["chosen"],
+            "rejected": sample["rejected"],
+        }
+    )
+    margin = reward_margin(score_resumable(table, config, policy, reference, work))
+    return {"fit_accuracy": float(np.mean(margin > 0)), "n": len(margin), "mean_margin": float(np.mean(margin))}
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -266,7 +287,8 @@ class Run:
         return str(path)
 
     def train(self, method: str) -> dict:
-        """DPO of one method on Ray Train, then its fit accuracy on the pairs it was trained on."""
+        """The method's examples rendered once into the stage folder, DPO on them on Ray Train,
+        then the fit accuracy on the first `train.fit_sample` of them."""
         cfg = self.config.train.model_copy(update={"method": method})
         if cfg.dataset:
             dataset, upstream = cfg.dataset, cfg.dataset
@@ -277,10 +299,12 @@ class Run:
         key = fingerprint(cfg, self.config.prompts, upstream, model)
 
         def compute() -> dict:
-            storage = cfg.storage_path or str((self.dir(stage) / "ray").resolve())
-            figures, final = run_training(cfg, model, dataset, storage, self.dir(stage), self.config.prompts)
-            examples = training_examples(cfg, dataset, AutoTokenizer.from_pretrained(model), self.config.prompts)
-            return {**figures, **fit_accuracy(final, model, examples), "model": final}
+            out, prepared = self.dir(stage), self.dir(stage) / "data"
+            prepare_training_data(cfg, dataset, model, self.config.prompts, prepared)
+            storage = cfg.storage_path or str((out / "ray").resolve())
+            figures, final = run_training(cfg, model, str(prepared), storage, out)
+            fit = fit_accuracy(prepared, cfg.fit_sample, self.config.evaluate, final, model, out / "_fit")
+            return {**figures, **fit, "model": final}
 
         return self.ray_stage(stage, key, compute)
 

@@ -73,10 +73,6 @@ def rows_of(path: Path) -> int:
 
 def build_stages(work: Path, tokenizer_dir: Path):
     """(name, run, parquet output or None) of each stage, in order, on the run folder `work`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
-
     from alignx_ray.build.assemble import AssembleConfig, run_assemble
     from alignx_ray.build.pairs import PairsConfig, run_pairs
     from alignx_ray.build.personas import PersonaConfig, run_personas
@@ -85,19 +81,17 @@ def build_stages(work: Path, tokenizer_dir: Path):
     from alignx_ray.common.config import PoolConfig
     from alignx_ray.common.space import SPACE
     from alignx_ray.train.dpo_config import TrainConfig
-    from alignx_ray.train.dpo_trainer import training_examples
+    from alignx_ray.train.dpo_data import prepare_training_data
 
     cores = psutil.cpu_count() or 2
     pool = PoolConfig(batch_size=4096, concurrency=(1, max(1, cores // 2)), num_cpus=1)
     personas = PersonaConfig(pool=pool)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def training_data() -> None:
-        train = str(work / "dataset" / "train")
         for method in ("ica", "pba"):
-            examples = training_examples(TrainConfig(method=method), train, tokenizer, prompts.PromptTemplates())
-            (work / "training").mkdir(exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(examples), work / "training" / f"{method}.parquet")
+            config = TrainConfig(method=method, prepare=pool.model_copy(update={"batch_size": 1}))
+            train, out = str(work / "dataset" / "train"), work / "training" / method
+            prepare_training_data(config, train, str(tokenizer_dir), prompts.PromptTemplates(), out)
 
     return [
         ("pairs", lambda: run_pairs(PairsConfig(), work / "annotate", work / "pairs"), work / "pairs" / "data"),

@@ -1,5 +1,8 @@
-"""DPO formats (pinned strings) and training on a real multi-worker Ray Train run with TRL and
-DeepSpeed ZeRO-3 on CPU (a kill -9 and resume of training: test_demo_resume.py)."""
+"""DPO formats (pinned strings), the examples prepared once on Ray Data (equal to the row-by-row
+rendering), and training on a real multi-worker Ray Train run with TRL and DeepSpeed ZeRO-3 on
+CPU (a kill -9 and resume of training: test_demo_resume.py)."""
+
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,7 +12,18 @@ from cpu import DEMO, merged
 
 from alignx_ray.common import prompts, schema
 from alignx_ray.common.space import SPACE
-from alignx_ray.train.dpo_data import dpo_example, profile_text, sample_items
+from alignx_ray.train.dpo_config import TrainConfig
+from alignx_ray.train.dpo_data import (
+    DPO_SCHEMA,
+    dpo_batch,
+    dpo_example,
+    prepare_training_data,
+    prepared_head,
+    prepared_parts,
+    profile_text,
+    sample_items,
+)
+from alignx_ray.train.dpo_trainer import training_dataset
 
 
 def test_item_sampling_is_seeded_and_bounded():
@@ -66,6 +80,55 @@ def test_ica_and_pba_prompt_strings_are_pinned(tiny_tokenizer, monkeypatch):
         dpo_example(row, "sft", tiny_tokenizer, templates)
 
 
+def old_rendering(dataset, method: str, tokenizer) -> list[dict]:
+    """The examples as they were rendered before the preparation: the whole table, row by row."""
+    table = schema.to_official(pq.read_table(dataset))
+    return [dpo_example(row, method, tokenizer, prompts.PromptTemplates()) for row in table.to_pylist()]
+
+
+def test_dpo_batch_renders_every_row_in_order(tiny_tokenizer):
+    table = schema.to_official(pa.Table.from_pylist([alignx_row(i) for i in range(5)], schema.ALIGNX_SCHEMA))
+    batch = dpo_batch(table, "ica", tiny_tokenizer, prompts.PromptTemplates())
+    assert batch.schema == DPO_SCHEMA
+    assert batch.to_pylist() == [
+        dpo_example(r, "ica", tiny_tokenizer, prompts.PromptTemplates()) for r in table.to_pylist()
+    ]
+
+
+def test_prepared_data_is_the_row_by_row_rendering(tmp_path, tiny_model_dir, tiny_tokenizer, ray_local):
+    """Ours in two files of several row groups, and the released layout (no example_id, no
+    split: ids from row numbers, which must run on across row groups); the first n rows; a
+    killed preparation (a part missing) resumes to the same parts."""
+    ours, released = tmp_path / "ours", tmp_path / "released.parquet"
+    ours.mkdir()
+    rows = [alignx_row(i, n_ugc=i % 5, n_pair=(3 * i) % 7) for i in range(11)]
+    for name, part in (("a.parquet", rows[:7]), ("b.parquet", rows[7:])):
+        pq.write_table(pa.Table.from_pylist(part, schema.ALIGNX_SCHEMA), ours / name, row_group_size=3)
+    pq.write_table(pa.Table.from_pylist(rows, schema.ALIGNX_SCHEMA).drop(["example_id", "split"]), released, 4)
+    config = TrainConfig.model_validate(merged(DEMO.train.model_dump(), {"method": "ica"}))
+
+    def prepare(dataset, out, **changes) -> list[dict]:
+        cfg = config.model_copy(update=changes)
+        figures = prepare_training_data(cfg, str(dataset), str(tiny_model_dir), prompts.PromptTemplates(), out)
+        prepared = pq.read_table(prepared_parts(out)).to_pylist()
+        assert figures["examples"] == len(prepared) and figures["parts"] == len(prepared_parts(out))
+        return prepared
+
+    expected = old_rendering(ours, "ica", tiny_tokenizer)
+    assert prepare(ours, tmp_path / "ours-all") == expected and len(expected) == 11
+    assert len(prepared_parts(tmp_path / "ours-all")) == 5  # 3 + 3 + 1 rows in a, 3 + 1 in b
+    Path(prepared_parts(tmp_path / "ours-all")[2]).unlink()
+    assert prepare(ours, tmp_path / "ours-all") == expected
+    assert prepare(ours, tmp_path / "ours-5", max_examples=5) == expected[:5]
+    assert prepared_head(tmp_path / "ours-all", 4).to_pylist() == expected[:4]
+
+    expected = old_rendering(released, "pba", tiny_tokenizer)
+    assert [e["example_id"] for e in expected] == [f"alignx-{i}" for i in range(11)]
+    assert prepare(released, tmp_path / "released", method="pba") == expected
+    worker_view = training_dataset(str(tmp_path / "released"), tmp_path / "hf-cache")
+    assert worker_view.to_list() == [{k: e[k] for k in ("prompt", "chosen", "rejected")} for e in expected]
+
+
 TRAIN = {  # the demo's CPU training (2 workers, ZeRO-3), shorter
     "dpo": {"epochs": 3, "learning_rate": 1e-3, "per_device_batch": 2, "save_steps": 2, "logging_steps": 1},
 }
@@ -78,20 +141,19 @@ def train_data(tmp_path_factory):
     return path
 
 
-def test_zero3_dpo_on_two_ray_train_workers(tmp_path, train_data, tiny_model_dir, ray_local):
-    from alignx_ray.train.dpo_config import TrainConfig
-    from alignx_ray.train.dpo_trainer import fit_accuracy, run_training, training_examples
+def test_zero3_dpo_on_two_ray_train_workers(tmp_path, train_data, tiny_model_dir, tiny_tokenizer, ray_local):
+    """The run's train stage: examples prepared once, DPO on two Ray Train workers reading them,
+    the fit accuracy on the first `fit_sample` of them scored by the evaluation's actors."""
+    from alignx_ray.run import Run, RunConfig, fit_accuracy
 
-    config = TrainConfig.model_validate(merged(DEMO.train.model_dump(), {**TRAIN, "method": "pba"}))
-    figures, final = run_training(config, str(tiny_model_dir), str(train_data), str(tmp_path / "ray"), tmp_path)
+    model = str(tiny_model_dir)
+    train = {**TRAIN, "dataset": str(train_data), "model": model, "fit_sample": 6}
+    run = Run(RunConfig.model_validate(merged(DEMO.model_dump(), {"train": train})), tmp_path)
+    figures = run.train("pba")
     assert figures["step"] == 6 and figures["examples"] == 8  # 8 pairs / (2 workers x 2) x 3 epochs
     assert {"loss", "rewards/accuracies", "rewards/margins"} <= set(figures)
-    from transformers import AutoTokenizer
-
-    examples = training_examples(
-        config, str(train_data), AutoTokenizer.from_pretrained(tiny_model_dir), prompts.PromptTemplates()
-    )
-    fit = fit_accuracy(final, str(tiny_model_dir), examples)
-    assert fit["n"] == 8 and fit["fit_accuracy"] is not None
-    same = fit_accuracy(str(tiny_model_dir), str(tiny_model_dir), examples)
+    assert figures["n"] == 6 and figures["fit_accuracy"] is not None and figures["mean_margin"] is not None
+    prepared = tmp_path / "train_pba" / "data"
+    assert pq.read_table(prepared_parts(prepared)).to_pylist() == old_rendering(train_data, "pba", tiny_tokenizer)
+    same = fit_accuracy(prepared, 6, DEMO.evaluate, model, model, tmp_path / "same")
     assert same["fit_accuracy"] == 0.0  # policy == reference: every reward is 0, a tie, never correct

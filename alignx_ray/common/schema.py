@@ -111,22 +111,24 @@ VARIANTS_SCHEMA = pa.schema(
 )
 
 
-def to_official(table: pa.Table, n_dims: int = OFFICIAL_D) -> pa.Table:
+def to_official(table: pa.Table, n_dims: int = OFFICIAL_D, first_row: int = 0) -> pa.Table:
     """Cast a table to the AlignX schema, checking every direction has `n_dims` entries.
 
-    Reads the released parquet (no `example_id` / `split`: ids are made from row numbers)
-    as well as ours. Raises ValueError naming the first bad row.
+    Reads the released parquet (no `example_id` / `split`: ids are made from row numbers,
+    `first_row` being the number of the table's first row, so a file read in pieces gets the
+    ids it gets read whole) as well as ours. Raises ValueError naming the first bad row.
     """
     missing = [f.name for f in OFFICIAL_SCHEMA if f.name not in table.column_names]
     if missing:
         raise ValueError(f"not an AlignX table: missing columns {missing}")
     if "example_id" not in table.column_names:
-        table = table.append_column("example_id", pa.array([f"alignx-{i}" for i in range(table.num_rows)]))
+        ids = [f"alignx-{i}" for i in range(first_row, first_row + table.num_rows)]
+        table = table.append_column("example_id", pa.array(ids, pa.string()))
     if "split" not in table.column_names:
         table = table.append_column("split", pa.array(["train"] * table.num_rows))
     table = table.select(ALIGNX_SCHEMA.names).cast(ALIGNX_SCHEMA)
     for i, row in enumerate(table.select([DIRECTION, UGC, PAIR]).to_pylist()):
         vectors = [row[DIRECTION]] + [item[DIRECTION] for item in row[UGC] + row[PAIR]]
         if any(v is None or len(v) != n_dims for v in vectors):
-            raise ValueError(f"row {i}: every {DIRECTION!r} must have {n_dims} values")
+            raise ValueError(f"row {first_row + i}: every {DIRECTION!r} must have {n_dims} values")
     return table

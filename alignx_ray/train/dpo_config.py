@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from alignx_ray.common.config import Section
+from pydantic import PositiveInt
+
+from alignx_ray.common.config import PoolConfig, Section
 
 
 class DPOSettings(Section):
@@ -58,7 +60,11 @@ class TrainConfig(Section):
         model). The reference is the starting model. An earlier AlignXpert checkpoint works
         here too, which is how a space extended by config is learnt (paper §6.3).
     dataset: an AlignX parquet file or folder, ours or the released one (None: the run's
-        `dataset/train`). max_examples: use the first n (None: all).
+        `dataset/train`). max_examples: use the first n rows in file order (None: all).
+    prepare: the Ray Data actors that render the examples once before training (batch_size:
+        parquet row groups per call; each actor loads the tokenizer once).
+    fit_sample: the fit accuracy is measured on the first n prepared examples (the
+        evaluation's scorer actors score them: a bounded sample, no model in the driver).
     deepspeed: a DeepSpeed JSON (ZeRO-3 by default); None trains with plain DDP.
     num_workers / use_gpu / cpus_per_worker: the Ray Train worker group.
     storage_path: where Ray Train keeps checkpoints, local or s3:// (None: the run directory);
@@ -69,6 +75,8 @@ class TrainConfig(Section):
     model: str | None = None
     dataset: str | None = None
     max_examples: int | None = None
+    prepare: PoolConfig = PoolConfig(batch_size=1, concurrency=(1, 8), num_cpus=1)
+    fit_sample: PositiveInt = 512
     dpo: DPOSettings = DPOSettings()
     deepspeed: str | None = "configs/deepspeed/zero3.json"
     num_workers: int = 8

@@ -9,18 +9,32 @@ resumed run sees the same prompts.
   directions (Appendix B.1). The demographic text has no direction in the released data, so
   P~ is built from the behavioural items alone.
 Both are rendered with the policy model's chat template; chosen / rejected are the responses.
+
+`prepare_training_data` renders a dataset once, on Ray Data, into parquet parts that keep the
+dataset's row order; the Ray Train workers and the fit accuracy read those parts.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
 from alignx_ray.common import prompts, schema
+from alignx_ray.common.config import resolve_local
+from alignx_ray.common.raydata import fit_local
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import SPACE, PreferenceSpace
+from alignx_ray.train.dpo_config import TrainConfig
 
 Method = Literal["ica", "pba"]
 MAX_ITEMS = 4
+DPO_SCHEMA = pa.schema([(name, pa.string()) for name in ("prompt", "chosen", "rejected", "example_id")])
 
 
 def sample_items(row: dict, seed: int) -> tuple[list[dict], list[dict]]:
@@ -66,3 +80,116 @@ def dpo_example(
         "rejected": row[schema.REJECTED],
         "example_id": row["example_id"],
     }
+
+
+def dpo_batch(
+    table: pa.Table,
+    method: Method,
+    tokenizer,
+    templates: prompts.PromptTemplates,
+    seed: int = 0,
+    space: PreferenceSpace = SPACE,
+) -> pa.Table:
+    """`dpo_example` of every row of an AlignX-schema table, in its order (`DPO_SCHEMA`)."""
+    rows = [dpo_example(row, method, tokenizer, templates, seed, space) for row in table.to_pylist()]
+    return pa.Table.from_pylist(rows, DPO_SCHEMA)
+
+
+def parquet_pieces(dataset: str, limit: int | None = None) -> tuple[list[dict], pafs.FileSystem]:
+    """(the row groups of a parquet file or folder in `pq.read_table`'s order, its filesystem).
+
+    Each piece has its part number, path, row group, the number of its first row in the whole
+    dataset (the released data's ids are row numbers) and its rows, the last one cut so the
+    pieces hold the first `limit` rows. Read from the files' footers only.
+    """
+    parquet = pq.ParquetDataset(dataset)
+    pieces, first = [], 0
+    for fragment in parquet.fragments:
+        metadata = fragment.metadata
+        for group in range(metadata.num_row_groups):
+            if limit is not None and first >= limit:
+                return pieces, parquet.filesystem
+            rows = metadata.row_group(group).num_rows
+            rows = rows if limit is None else min(rows, limit - first)
+            if rows:
+                piece = {"part": len(pieces), "path": fragment.path, "row_group": group, "first_row": first}
+                pieces.append({**piece, "rows": rows})
+                first += rows
+    return pieces, parquet.filesystem
+
+
+def part_path(out_dir: Path, part: int) -> Path:
+    return out_dir / f"part-{part:06d}.parquet"
+
+
+def prepared_parts(out_dir: str | Path) -> list[str]:
+    """The prepared parquet parts in the dataset's order."""
+    return sorted(str(p) for p in Path(out_dir).glob("part-*.parquet"))
+
+
+def prepared_head(out_dir: str | Path, n: int) -> pa.Table:
+    """The first n prepared examples (only the parts that hold them are read)."""
+    return pads.dataset(prepared_parts(out_dir), format="parquet").head(n)
+
+
+class Renderer:
+    """Ray Data actor: loads the tokenizer once, then renders row groups, one part file each."""
+
+    def __init__(self, filesystem, method: Method, tokenizer: str, templates: dict, seed: int, out_dir: str):
+        from transformers import AutoTokenizer
+
+        self.filesystem, self.method, self.seed, self.out_dir = filesystem, method, seed, Path(out_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.templates = prompts.PromptTemplates(**templates)
+
+    def __call__(self, pieces: pa.Table) -> pa.Table:
+        for piece in pieces.to_pylist():
+            source = pq.ParquetFile(piece["path"], filesystem=self.filesystem)
+            table = schema.to_official(
+                source.read_row_group(piece["row_group"]).slice(0, piece["rows"]), first_row=piece["first_row"]
+            )
+            rendered = dpo_batch(table, self.method, self.tokenizer, self.templates, self.seed)
+            target = part_path(self.out_dir, piece["part"])
+            partial = target.with_name(f".{target.name}.tmp")
+            pq.write_table(rendered, partial)
+            os.replace(partial, target)  # a killed call leaves no part behind
+        return pieces.select(["part", "rows"])
+
+
+def prepare_training_data(
+    config: TrainConfig, dataset: str, tokenizer_path: str, templates: prompts.PromptTemplates, out_dir: Path
+) -> dict:
+    """Render the DPO examples of `dataset` (an AlignX parquet file or folder, ours or the
+    released one; the first `config.max_examples` rows) into `out_dir/part-NNNNNN.parquet`.
+
+    One part per row group, named by its place in the dataset, so the parts read in name order
+    are the dataset's rows in order (the examples `dpo_example` gives row by row), and a killed
+    preparation resumes with the parts it has not written. The driver reads the footers only;
+    an actor pool (`config.prepare`) reads, validates (`to_official`) and renders the rows.
+    Returns {"examples", "parts"}.
+    """
+    import ray.data
+
+    pieces, filesystem = parquet_pieces(resolve_local(dataset), config.max_examples)
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in pieces if not part_path(out_dir, p["part"]).exists()]
+    if todo:
+        num_cpus, _ = fit_local(config.prepare.num_cpus, 0)
+        low, high = config.prepare.concurrency
+        ray.data.from_items(todo).map_batches(
+            Renderer,
+            fn_constructor_kwargs={
+                "filesystem": filesystem,
+                "method": config.method,
+                "tokenizer": resolve_local(tokenizer_path),
+                "templates": templates.model_dump(),
+                "seed": config.dpo.seed,
+                "out_dir": str(out_dir),
+            },
+            batch_size=config.prepare.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            num_cpus=num_cpus,
+        ).materialize()
+    return {"examples": sum(p["rows"] for p in pieces), "parts": len(pieces)}

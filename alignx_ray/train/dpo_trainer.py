@@ -1,6 +1,7 @@
 """DPO training of ICA and PBA: Ray Train workers running TRL's DPOTrainer with DeepSpeed.
 
-Each worker builds the same examples (seeded by example id, `dpo_data`), trains with
+The examples are rendered once beforehand (`dpo_data.prepare_training_data`); each worker
+opens those parquet parts as a memory-mapped Arrow dataset (`training_dataset`), trains with
 `DPOTrainer` (sigmoid loss; DeepSpeed ZeRO-3 from `configs/deepspeed/`), and at every save
 reports its own checkpoint folder to Ray Train, which merges the workers' files (model and
 each rank's ZeRO shards) into one checkpoint in storage. A resubmitted run with the same
@@ -16,26 +17,27 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-
-from alignx_ray.common import prompts
 from alignx_ray.common.config import resolve_local
-from alignx_ray.common.schema import to_official
-from alignx_ray.engines.logprobs import load_models, reward_margin, score_pairs
 from alignx_ray.train.dpo_config import TrainConfig
-from alignx_ray.train.dpo_data import dpo_example
+from alignx_ray.train.dpo_data import prepared_parts
 
 FINAL_MARKER = "alignx_final.json"
 FIGURES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
-def training_examples(config: TrainConfig, dataset: str, tokenizer, templates: prompts.PromptTemplates) -> list[dict]:
-    """The DPO examples of `dataset` (an AlignX parquet file or folder) in the method's format."""
-    table = to_official(pq.read_table(dataset))
-    if config.max_examples is not None:
-        table = table.slice(0, config.max_examples)
-    return [dpo_example(row, config.method, tokenizer, templates, config.dpo.seed) for row in table.to_pylist()]
+def training_dataset(prepared: str, cache_dir: Path):
+    """The prepared examples as a Hugging Face `Dataset` memory-mapped from Arrow files in
+    `cache_dir`, so a worker's memory does not grow with the data.
+
+    Not Ray Train's `datasets=` shards: TRL's DPOTrainer tokenizes and samples a map-style
+    `Dataset` itself, and its seeded sampler over the whole dataset in file order is what gives
+    a resumed run the same data order; a streamed shard is an iterator whose blocks Ray Data
+    hands to the workers as they ask for them, an order no run can repeat.
+    """
+    from datasets import Dataset
+
+    columns = ["prompt", "chosen", "rejected"]
+    return Dataset.from_parquet(prepared_parts(prepared), columns=columns, cache_dir=str(cache_dir))
 
 
 def dpo_args(config: TrainConfig, output_dir: Path, deepspeed: dict | None):
@@ -90,7 +92,6 @@ def latest_figures(log_history: list[dict]) -> dict:
 def train_loop(payload: dict) -> None:
     """One Ray Train worker (the function Ray Train runs on every worker)."""
     import ray.train
-    from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOTrainer
 
@@ -118,12 +119,12 @@ def train_loop(payload: dict) -> None:
 
     args = dpo_args(config, scratch / "out", payload["deepspeed"])
     tokenizer = AutoTokenizer.from_pretrained(payload["model"])
-    examples = training_examples(config, payload["dataset"], tokenizer, prompts.PromptTemplates(**payload["prompts"]))
+    examples = training_dataset(payload["prepared"], scratch / "datasets")
     trainer = DPOTrainer(
         model=payload["model"],
         args=args,
         processing_class=tokenizer,
-        train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "chosen", "rejected")} for e in examples]),
+        train_dataset=examples,
         callbacks=[ReportCheckpoints()],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -141,28 +142,21 @@ def train_loop(payload: dict) -> None:
     ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(final) if rank == 0 else None)
 
 
-def run_training(
-    config: TrainConfig,
-    model: str,
-    dataset: str,
-    storage_path: str,
-    out_dir: Path,
-    templates: prompts.PromptTemplates = prompts.PromptTemplates(),
-) -> tuple[dict, str]:
-    """Run (or resume) DPO on Ray Train; return (figures, `out_dir/model`, the final model)."""
+def run_training(config: TrainConfig, model: str, prepared: str, storage_path: str, out_dir: Path) -> tuple[dict, str]:
+    """Run (or resume) DPO on Ray Train on the examples `prepare_training_data` wrote to
+    `prepared` (a folder every worker can read); return (figures, `out_dir/model`, the final
+    model)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     deepspeed = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else None  # read here: the
     # workers of a submitted job may run on nodes without this path
-    model, dataset = resolve_local(model), resolve_local(dataset)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "config": config.model_dump(),
-            "model": model,
-            "dataset": dataset,
-            "prompts": templates.model_dump(),
+            "model": resolve_local(model),
+            "prepared": resolve_local(prepared),
             "deepspeed": deepspeed,
         },
         scaling_config=ScalingConfig(
@@ -177,23 +171,3 @@ def run_training(
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(d, final)
     return dict(result.metrics), str(final)
-
-
-def fit_accuracy(policy: str, reference: str, examples: list[dict]) -> dict:
-    """Alignment accuracy (the evaluation rule, `evaluate.reward_margin`) on the given pairs."""
-    policy_model, reference_model, tokenizer = load_models(policy, reference)
-    margin = reward_margin(
-        score_pairs(
-            policy_model,
-            reference_model,
-            tokenizer,
-            [e["prompt"] for e in examples],
-            [e["chosen"] for e in examples],
-            [e["rejected"] for e in examples],
-        )
-    )
-    return {
-        "fit_accuracy": float(np.mean(margin > 0)) if len(examples) else None,
-        "n": len(examples),
-        "mean_margin": float(np.mean(margin)) if len(examples) else None,
-    }
