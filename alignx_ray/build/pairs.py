@@ -23,7 +23,7 @@ from ray.data.aggregate import Count, Sum
 from alignx_ray.build.annotate import LABELLED_COLUMNS, only_labelled
 from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import shuffle_partitions, write_rejected
-from alignx_ray.common.schema import PAIRS_SCHEMA
+from alignx_ray.common.schema import PAIRS_SCHEMA, list_matrix
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import compare_levels, intensity_embedding
 
@@ -95,12 +95,12 @@ def thread_pairs(thread: pa.Table, config: PairsConfig) -> tuple[list[dict], lis
     """Pairs of one thread's annotated responses -> (pair rows, rejected rows).
 
     `thread` holds `thread_id, response_id, post, response, levels` of one thread, rows
-    sorted by response_id, so the draw does not depend on the order rows arrived in.
+    sorted by response_id, so the draw does not depend on the order rows arrived in. Only the
+    drawn responses' text is read out of the table.
     """
     thread = thread.sort_by("response_id")
-    rows = thread.to_pylist()
-    thread_id = rows[0]["thread_id"]
-    levels = np.array([r["levels"] for r in rows], dtype=np.uint8)
+    thread_id = thread["thread_id"][0].as_py()
+    levels = list_matrix(thread["levels"], np.uint8)
     rng = seeded_rng("pairs", config.seed, thread_id)
     labels = cluster_thread(levels, config.clusters, int(rng.integers(1 << 31)), config.kmeans_iterations)
     drawn = draw_pairs(labels, config.pairs_per_thread, rng)
@@ -109,15 +109,16 @@ def thread_pairs(thread: pa.Table, config: PairsConfig) -> tuple[list[dict], lis
             {
                 "stage": "pairs",
                 "reason": "one_cluster",
-                "detail": f"{len(rows)} responses, all with the same levels",
+                "detail": f"{thread.num_rows} responses, all with the same levels",
                 "thread_id": thread_id,
             }
         ]
+    ids = thread["response_id"].to_pylist()
+    sources = thread["source"].to_pylist() if "source" in thread.column_names else [None] * thread.num_rows
     out, rejected = [], []
-    for chosen, rejected_ in drawn:
-        w, lose = rows[chosen], rows[rejected_]
-        direction = compare_levels(w["levels"], lose["levels"]).tolist()
-        pair_id = f"{w['response_id']}>{lose['response_id']}"
+    for chosen, lost in drawn:
+        direction = compare_levels(levels[chosen], levels[lost]).tolist()
+        pair_id = f"{ids[chosen]}>{ids[lost]}"
         if all(d == 0.5 for d in direction):
             rejected.append(
                 {"stage": "pairs", "reason": "no_non_neutral_dimension", "detail": pair_id, "thread_id": thread_id}
@@ -127,15 +128,15 @@ def thread_pairs(thread: pa.Table, config: PairsConfig) -> tuple[list[dict], lis
             {
                 "pair_id": pair_id,
                 "thread_id": thread_id,
-                "prompt": w["post"],
-                "chosen_id": w["response_id"],
-                "rejected_id": lose["response_id"],
-                "chosen": w["response"],
-                "rejected": lose["response"],
-                "chosen_levels": w["levels"],
-                "rejected_levels": lose["levels"],
+                "prompt": thread["post"][chosen].as_py(),
+                "chosen_id": ids[chosen],
+                "rejected_id": ids[lost],
+                "chosen": thread["response"][chosen].as_py(),
+                "rejected": thread["response"][lost].as_py(),
+                "chosen_levels": levels[chosen].tolist(),
+                "rejected_levels": levels[lost].tolist(),
                 "direction": direction,
-                "source": w.get("source") or "threads",
+                "source": sources[chosen] or "threads",
             }
         )
     return out, rejected

@@ -28,7 +28,7 @@ from ray.data.aggregate import Count, Mean, Sum
 from alignx_ray.build.annotate import only_labelled
 from alignx_ray.common.config import PoolConfig, Section
 from alignx_ray.common.raydata import map_resumable
-from alignx_ray.common.schema import PERSONAS_SCHEMA
+from alignx_ray.common.schema import PERSONAS_SCHEMA, list_matrix
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL, level_to_direction
 from alignx_ray.engines.labelling import REJECT_COLUMN
@@ -88,13 +88,6 @@ def example_consistent(direction: np.ndarray, personas: list[np.ndarray]) -> boo
     for persona in personas:
         agree &= persona == direction
     return bool(agree.any())
-
-
-def list_matrix(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
-    """A list column of equal-length rows as an (N, D) array, without a Python row loop."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return flat.astype(dtype, copy=False).reshape(len(column), -1)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ released parquet reads into the same table, so training and evaluation take eith
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from alignx_ray.common.space import OFFICIAL_D
 
@@ -109,6 +111,13 @@ VARIANTS_SCHEMA = pa.schema(
         ("rejected", pa.string()),
     ]
 )
+
+
+def list_matrix(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
+    """A list column of equal-length rows as an (N, D) array, without a Python row loop."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return flat.astype(dtype, copy=False).reshape(len(column), -1)
 
 
 def to_official(table: pa.Table, n_dims: int = OFFICIAL_D, first_row: int = 0) -> pa.Table:
