@@ -175,12 +175,8 @@ class Run:
     def ingest(self) -> dict:
         source = self.config.ingest.input or self.threads()["jsonl"]
         key = fingerprint(self.config.ingest, source, self.annotation_model())
-        return self.stage(
-            "ingest",
-            key,
-            lambda: run_ingest(
-                self.config.ingest, source, self.dir("ingest"), AutoTokenizer.from_pretrained(self.annotation_model())
-            ),
+        return self.ray_stage(
+            "ingest", key, lambda: run_ingest(self.config.ingest, source, self.dir("ingest"), self.annotation_model())
         )
 
     def annotate(self) -> dict:

@@ -29,7 +29,7 @@ import ray.data
 from alignx_ray.build.personas import example_consistent
 from alignx_ray.common import schema
 from alignx_ray.common.config import Section
-from alignx_ray.common.raydata import write_rejected
+from alignx_ray.common.raydata import shuffle_partitions, write_rejected
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL
 
@@ -187,7 +187,7 @@ def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None):
     joined by pair_id with Ray Data's hash join (no table in the driver)."""
     pairs = ray.data.read_parquet(str((pairs_dir / "data").resolve()))
     personas = ray.data.read_parquet(str((personas_dir / "data").resolve()))
-    partitions = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    partitions = shuffle_partitions()
     rows = pairs.join(personas, "inner", partitions, on=("pair_id",))
     if demographics_dir is not None:
         demo = ray.data.read_parquet(str((demographics_dir / "data").resolve()))

@@ -64,6 +64,14 @@ def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
     return cpus, gpus
 
 
+def shuffle_partitions() -> int:
+    """Partitions of a stage's hash shuffles (groupby, join): half the cluster's CPUs, so a
+    small cluster does not pay the fixed cost of Ray Data's 200 default partitions."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+
+
 def map_resumable(source: Path, output: Path, id_column: str, udf: type, udf_kwargs: dict, pool: PoolConfig) -> None:
     """read_parquet(source) -> map_batches(udf actors) -> write_parquet(output), checkpointed.
 
@@ -111,6 +119,16 @@ def claim_workdir(work: Path, key: str) -> bool:
     return resumed
 
 
+def as_rejected(rows: pa.Table, stage: str) -> pa.Table:
+    """`rows` (some of `REJECTED_SCHEMA`'s columns, the rest null) as rejected rows of `stage`."""
+    columns = {
+        f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+        for f in REJECTED_SCHEMA
+    }
+    columns["stage"] = pa.array([stage] * rows.num_rows, pa.string())
+    return pa.table(columns).cast(REJECTED_SCHEMA)
+
+
 def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> int:
     """A stage's rejected rows to `out_dir/_rejected/<stage>.parquet`; returns how many.
 
@@ -119,12 +137,7 @@ def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> in
     """
     if not isinstance(rows, pa.Table):
         rows = pa.Table.from_pylist(rows, REJECTED_SCHEMA)
-    columns = {
-        f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
-        for f in REJECTED_SCHEMA
-    }
-    columns["stage"] = pa.array([stage] * rows.num_rows, pa.string())
-    table = pa.table(columns).cast(REJECTED_SCHEMA)
+    table = as_rejected(rows, stage)
     (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out_dir / "_rejected" / f"{stage}.parquet")
     return table.num_rows
