@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from transformers import AutoTokenizer
 
 from alignx_ray.build.annotate import AnnotateConfig, run_annotate
 from alignx_ray.build.assemble import AssembleConfig, run_assemble
@@ -196,12 +195,8 @@ class Run:
     def ingest(self) -> dict:
         source = self.config.ingest.input or self.threads()["jsonl"]
         key = fingerprint(self.config.ingest, source, self.annotation_model())
-        return self.stage(
-            "ingest",
-            key,
-            lambda: run_ingest(
-                self.config.ingest, source, self.dir("ingest"), AutoTokenizer.from_pretrained(self.annotation_model())
-            ),
+        return self.ray_stage(
+            "ingest", key, lambda: run_ingest(self.config.ingest, source, self.dir("ingest"), self.annotation_model())
         )
 
     def annotate(self) -> dict:

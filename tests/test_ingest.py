@@ -6,7 +6,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignx_ray.build.ingest import IngestConfig, Located, Validator, ingest_records, read_records, run_ingest
+from alignx_ray.build.ingest import (
+    IngestConfig,
+    Located,
+    Validator,
+    ingest_records,
+    read_records,
+    run_ingest,
+    tokenizer_validator,
+)
 
 
 def words(text: str) -> int:
@@ -134,9 +142,9 @@ def test_shp_rows_group_into_threads(tmp_path):
     assert sorted(r["reason"] for r in result.rejected) == ["bad_shp_row", "empty_response"]
 
 
-def test_run_ingest_writes_shards_and_rejected_rows(jsonl, tmp_path, tiny_tokenizer):
+def test_run_ingest_writes_shards_and_rejected_rows(jsonl, tmp_path, tiny_model_dir, ray_local):
     out = tmp_path / "ingest"
-    figures = run_ingest(IngestConfig(shard_rows=1), str(jsonl), out, tiny_tokenizer)
+    figures = run_ingest(IngestConfig(shard_rows=1), str(jsonl), out, str(tiny_model_dir))
     data = pq.read_table(out / "data")
     rejected = pq.read_table(out / "_rejected" / "ingest.parquet")
     # Every input row is accounted for: the good thread's 2 responses, one rejection per bad
@@ -151,3 +159,38 @@ def test_run_ingest_writes_shards_and_rejected_rows(jsonl, tmp_path, tiny_tokeni
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no input"):
         list(read_records(str(tmp_path / "nope.jsonl")))
+
+
+def test_ray_stage_matches_the_in_process_core(tmp_path, tiny_model_dir, tiny_tokenizer, ray_local):
+    """run_ingest on Ray keeps and rejects exactly what one ordered pass in process does:
+    duplicate threads and responses across files (a response id first seen with a bad text is
+    kept later), over-budget texts, and a truncated last line."""
+    folder = tmp_path / "threads"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b"\n".join([json.dumps(GOOD).encode()] + [line for line, _ in BAD_LINES]))
+    later = [
+        {"thread_id": "t1", "post": "again", "responses": [{"text": "r"}]},
+        {"thread_id": "u1", "post": "p", "responses": [{"response_id": "d", "text": ""}, {"text": "x"}]},
+        {"thread_id": "u2", "post": "p", "responses": [{"response_id": "d", "text": "kept"}, {"response_id": "d"}]},
+        {"thread_id": "u3", "post": "p", "responses": [{"response_id": "d", "text": "dup"}, {"text": "w " * 40}]},
+        {"thread_id": 7, "post": "numeric id", "responses": [{"response_id": 5, "text": "ok"}]},
+    ]
+    (folder / "b.jsonl").write_bytes(b"\n".join(json.dumps(r).encode() for r in later) + b'\n{"thread_id": "cut", "po')
+    config = IngestConfig(max_post_tokens=16, max_response_tokens=8, shard_rows=3)
+    out = tmp_path / "ingest"
+    figures = run_ingest(config, str(folder), out, str(tiny_model_dir))
+    expected = ingest_records(read_records(str(folder)), tokenizer_validator(config, tiny_tokenizer))
+
+    def by_id(rows):
+        return sorted(rows, key=lambda r: (r["response_id"] or "", r["location"] if "location" in r else ""))
+
+    def by_place(rows):
+        return sorted(rows, key=lambda r: (r["location"], r["reason"]))
+
+    assert by_id(pq.read_table(out / "data").to_pylist()) == by_id(expected.responses)
+    assert by_place(pq.read_table(out / "_rejected" / "ingest.parquet").to_pylist()) == by_place(expected.rejected)
+    reasons = {r["reason"] for r in expected.rejected}
+    assert {"duplicate_thread_id", "duplicate_response_id", "empty_response", "malformed_json"} <= reasons
+    assert {r["response"] for r in expected.responses if r["response_id"] == "d"} == {"kept"}
+    assert figures["responses"] == len(expected.responses) and figures["rejected"] == len(expected.rejected)
+    assert figures["threads"] == len({r["thread_id"] for r in expected.responses})

@@ -64,18 +64,18 @@ def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
     return cpus, gpus
 
 
-def shuffle_partitions(*folders: Path, partition_bytes: int = 256 * 2**20) -> int:
-    """Partitions of a hash shuffle (a join or groupby) over these parquet folders: enough that
-    each holds about `partition_bytes` of their uncompressed data, so no worker's memory grows
-    with the dataset, and at least one per two CPUs of the cluster, so every node works.
-    Sizes come from the files' footers (the driver reads no rows)."""
+def shuffle_partitions(*folders: Path, size: int = 0, partition_bytes: int = 256 * 2**20) -> int:
+    """Partitions of a hash shuffle (a join or groupby) over these parquet folders (plus `size`
+    bytes of other input): enough that each holds about `partition_bytes` of uncompressed data,
+    so no worker's memory grows with the dataset, and at least one per two CPUs of the cluster,
+    so every node works. Sizes come from the files' footers (the driver reads no rows)."""
     import ray
 
     def uncompressed(path: Path) -> int:
         meta = pq.read_metadata(path)
         return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
-    size = sum(uncompressed(f) for folder in folders for f in sorted(folder.rglob("*.parquet")))
+    size += sum(uncompressed(f) for folder in folders for f in sorted(folder.rglob("*.parquet")))
     cpus = ray.cluster_resources().get("CPU", 2) if ray.is_initialized() else os.cpu_count() or 2
     return max(1, int(cpus) // 2, -(-size // partition_bytes))
 
@@ -138,6 +138,16 @@ def claim_workdir(work: Path, key: str) -> bool:
     return resumed
 
 
+def as_rejected(rows: pa.Table, stage: str) -> pa.Table:
+    """`rows` (some of `REJECTED_SCHEMA`'s columns, the rest null) as rejected rows of `stage`."""
+    columns = {
+        f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+        for f in REJECTED_SCHEMA
+    }
+    columns["stage"] = pa.array([stage] * rows.num_rows, pa.string())
+    return pa.table(columns).cast(REJECTED_SCHEMA)
+
+
 def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> int:
     """A stage's rejected rows to `out_dir/_rejected/<stage>.parquet`; returns how many.
 
@@ -146,12 +156,7 @@ def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> in
     """
     if not isinstance(rows, pa.Table):
         rows = pa.Table.from_pylist(rows, REJECTED_SCHEMA)
-    columns = {
-        f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
-        for f in REJECTED_SCHEMA
-    }
-    columns["stage"] = pa.array([stage] * rows.num_rows, pa.string())
-    table = pa.table(columns).cast(REJECTED_SCHEMA)
+    table = as_rejected(rows, stage)
     (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out_dir / "_rejected" / f"{stage}.parquet")
     return table.num_rows
