@@ -177,9 +177,10 @@ def main() -> None:
     from alignx_ray.common.raydata import init_ray
     from alignx_ray.fixtures.tiny import build_tiny_model
 
-    init_ray(RayConfig(num_cpus=args.num_cpus))
+    ray = init_ray(RayConfig(num_cpus=args.num_cpus))
     scratch = Path(tempfile.mkdtemp(prefix="alignx-scale-"))
-    tokenizer_dir = build_tiny_model(scratch / "tiny")
+    # Built in a task, so torch is never imported here and the driver's RSS is the pipeline's.
+    tokenizer_dir = ray.get(ray.remote(build_tiny_model).remote(scratch / "tiny"))
     sizes = []
     for responses in args.responses:
         print(f"{responses} responses", flush=True)

@@ -5,7 +5,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from alignx_ray.build.assemble import AssembleConfig, assemble_rows, flat_items, nest_items, select_test, with_item_text
+from alignx_ray.build.assemble import (
+    PAIR,
+    PIECES_SCHEMA,
+    TEXT_SCHEMA,
+    VOTES,
+    AssembleConfig,
+    assemble_rows,
+    conform,
+    joined_row,
+    persona_items,
+    select_test,
+)
 from alignx_ray.build.pairs import PairsConfig, cluster_thread, draw_pairs, thread_pairs
 from alignx_ray.build.personas import PersonaConfig, Pool, consistent, example_consistent, persona_rows, vote
 from alignx_ray.common import schema
@@ -207,38 +218,53 @@ def joined(corpus, demo=None):
     return rows
 
 
-def test_item_text_is_joined_by_id_and_regrouped_in_persona_order(corpus):
-    """Assembly's pure steps around its joins: items flattened with their position, the text
-    joined by id (here with Arrow's join, as Ray Data's does), regrouped per pair in order."""
+def test_pieces_of_a_pair_gather_into_its_joined_row(corpus):
+    """Assembly's pure steps around its two shuffles: items flattened with their position, the
+    text joined by id (here by a lookup, as Ray Data's join does), then every piece of a pair
+    (items, the pair, the personas' votes) gathered into one row, items in persona order."""
     responses, pairs = corpus
-    expected = joined(corpus)
+    expected = {r["pair_id"]: r for r in joined(corpus)}
     pool_r, pool_p = Pool.of_responses(responses), Pool.of_pairs(pairs)
     personas = persona_rows(
         pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")), PersonaConfig(items=6)
     )
-
-    def join_text(items: pa.Table, table: pa.Table, key: str, text: dict[str, str]) -> pa.Table:
-        rows = pc.index_in(items["item_id"], value_set=table[key])
-        for column, name in text.items():
-            items = items.append_column(name, table[column].take(rows))
-        return items
-
-    ugc = join_text(flat_items(personas, "ugc"), responses, "response_id", {"post": "prompt", "response": "comment"})
-    feedback = join_text(
-        flat_items(personas, "pair_feedback"), pairs, "pair_id", {c: c for c in ("prompt", "chosen", "rejected")}
+    items = persona_items(personas)
+    texts = pa.concat_tables(
+        [
+            conform(
+                responses.select(["response_id", "post", "response"]).rename_columns(["item_id", "prompt", "comment"]),
+                TEXT_SCHEMA,
+            ),
+            conform(
+                pairs.select(["pair_id", "prompt", "chosen", "rejected"]).rename_columns(
+                    ["item_id", "prompt", "chosen", "rejected"]
+                ),
+                TEXT_SCHEMA,
+            ),
+        ]
     )
-    items = pa.concat_tables([with_item_text(ugc), with_item_text(feedback)])
-    items = items.take(np.random.default_rng(0).permutation(items.num_rows))  # a join keeps no order
-    for want in expected:
-        group = items.filter(pc.equal(items["pair_id"], want["pair_id"]))
-        if group.num_rows == 0:
-            assert not want["ugc"] and not want["pair_feedback"]
-            continue
-        got = nest_items(group).to_pylist()[0]
-        assert got["ugc"] == want["ugc"]
+    found = pc.index_in(items["item_id"], value_set=texts["item_id"])
+    for name in ("prompt", "comment", "chosen", "rejected"):
+        items = items.append_column(name, texts[name].take(found))
+    pieces = pa.concat_tables(
+        [
+            conform(items, PIECES_SCHEMA),
+            conform(pairs, PIECES_SCHEMA, kind=PAIR),
+            conform(personas.select(["pair_id", "ugc_direction", "pair_direction"]), PIECES_SCHEMA, kind=VOTES),
+        ]
+    )
+    pieces = pieces.take(np.random.default_rng(0).permutation(pieces.num_rows))  # a shuffle keeps no order
+    for pair_id, want in expected.items():
+        (got,) = joined_row(pieces.filter(pc.equal(pieces["pair_id"], pair_id))).to_pylist()
+        assert got["ugc"] == want["ugc"] and got["direction"] == want["direction"]
         assert got["pair_feedback"] == [
             {k: f[k] for k in ("pair_id", "prompt", "chosen", "rejected", "direction")} for f in want["pair_feedback"]
         ]
+        assert (got["ugc_direction"], got["pair_direction"]) == (want["ugc_direction"], want["pair_direction"])
+        assert (got["prompt"], got["chosen"], got["thread_id"]) == (want["prompt"], want["chosen"], want["thread_id"])
+    # A pair whose personas are missing gives no row, as the inner join it replaces.
+    alone = pieces.filter(pc.and_(pc.equal(pieces["pair_id"], pair_id), pc.not_equal(pieces["kind"], VOTES)))
+    assert joined_row(alone).num_rows == 0
 
 
 def test_assemble_splits_are_balanced_disjoint_and_official(corpus):

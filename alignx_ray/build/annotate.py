@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from alignx_ray.common import prompts
 from alignx_ray.common.config import PoolConfig, Section, SpaceConfig
 from alignx_ray.common.raydata import map_resumable, write_rejected
-from alignx_ray.engines.labelling import REJECT_COLUMN, QuestionBank, label_batch
+from alignx_ray.common.schema import REJECT_COLUMN
+from alignx_ray.engines.labelling import QuestionBank, label_batch
 from alignx_ray.engines.scoring import EngineConfig, make_engine
 
 
@@ -148,12 +149,3 @@ def finish_stage(out_dir: Path, stage: str, started: float, written_before: set[
         if prompt_tokens
         else None,
     }
-
-
-# The columns of this stage's output that the dataset build reads.
-LABELLED_COLUMNS = ["thread_id", "response_id", "post", "response", "source", "levels", REJECT_COLUMN]
-
-
-def only_labelled(table: pa.Table) -> pa.Table:
-    """The responses of `table` that have levels (rejected ones are already in annotate/_rejected)."""
-    return table.filter(pc.is_null(table[REJECT_COLUMN])).drop_columns([REJECT_COLUMN])

@@ -30,6 +30,7 @@ from alignx_ray.build.personas import example_consistent
 from alignx_ray.common import schema
 from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import shuffle_partitions, write_rejected
+from alignx_ray.common.schema import list_matrix
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL
 
@@ -201,25 +202,85 @@ PAIR_TEXT_ITEM = pa.struct(
         ("direction", schema.DIRECTION_TYPE),
     ]
 )
-# One persona item per row, between the text joins and the regrouping by pair.
-FLAT_ITEMS_SCHEMA = pa.schema(
+# The text of anything a persona item can name, by id: a response or a pair.
+TEXT_SCHEMA = pa.schema([(name, pa.string()) for name in ("item_id", "prompt", "comment", "chosen", "rejected")])
+# Everything assembly gathers about a pair, one row per piece, grouped by pair_id (a co-group:
+# one shuffle joins them all). `kind` says which piece a row is.
+UGC, PAIR_ITEM, PAIR, VOTES, DEMO = range(5)
+PIECES_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
-        ("kind", pa.int8()),  # 0: UGC, 1: PAIR
-        ("position", pa.int32()),
+        ("kind", pa.int8()),
+        ("position", pa.int32()),  # an item's place in its persona
         ("item_id", pa.string()),
+        ("thread_id", pa.string()),
         ("prompt", pa.string()),
         ("comment", pa.string()),
         ("chosen", pa.string()),
         ("rejected", pa.string()),
         ("direction", schema.DIRECTION_TYPE),
+        ("direction_code", pa.binary()),  # an item's direction, one byte per dimension (2 x value)
+        ("source", pa.string()),
+        ("ugc_direction", schema.DIRECTION_TYPE),
+        ("pair_direction", schema.DIRECTION_TYPE),
+        ("demo_text", pa.string()),
+        ("demo_direction", schema.DIRECTION_TYPE),
     ]
 )
-ITEM_KINDS = {"ugc": 0, "pair_feedback": 1}
+# One row per pair, as the draw and the examples read it.
+JOINED_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("thread_id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("direction", schema.DIRECTION_TYPE),
+        ("source", pa.string()),
+        ("ugc", pa.list_(UGC_TEXT_ITEM)),
+        ("pair_feedback", pa.list_(PAIR_TEXT_ITEM)),
+        ("ugc_direction", schema.DIRECTION_TYPE),
+        ("pair_direction", schema.DIRECTION_TYPE),
+        ("demo_text", pa.string()),
+        ("demo_direction", schema.DIRECTION_TYPE),
+    ]
+)
+PERSONA_KINDS = {"ugc": UGC, "pair_feedback": PAIR_ITEM}
+
+
+def conform(table: pa.Table, target: pa.Schema, **constants) -> pa.Table:
+    """`table` in `target`'s columns: its own where it has them, `constants` next, else null."""
+    columns = {}
+    for f in target:
+        if f.name in table.column_names:
+            columns[f.name] = table[f.name]
+        elif f.name in constants:
+            columns[f.name] = pa.array([constants[f.name]] * table.num_rows, f.type)
+        else:
+            columns[f.name] = pa.nulls(table.num_rows, f.type)
+    return pa.table(columns, schema=target)
+
+
+def direction_codes(directions: pa.Array) -> pa.Array:
+    """Directions (0, 0.5 or 1 per dimension) as one byte each: an item crosses the shuffles in
+    D bytes instead of 8D."""
+    n = len(directions)
+    codes = (list_matrix(directions, np.float64) * 2).astype(np.uint8)
+    offsets = np.arange(n + 1, dtype=np.int32) * codes.shape[1]
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(codes.tobytes())])
+
+
+def code_directions(codes: pa.Array) -> pa.Array:
+    """The inverse of `direction_codes`."""
+    if len(codes) == 0:
+        return pa.array([], schema.DIRECTION_TYPE)
+    values = np.frombuffer(b"".join(codes.to_pylist()), np.uint8) / 2
+    return pa.FixedSizeListArray.from_arrays(values, len(codes[0].as_py())).cast(schema.DIRECTION_TYPE)
 
 
 def flat_items(personas: pa.Table, column: str) -> pa.Table:
-    """One row per item of `column` (`ugc` or `pair_feedback`): its pair, position, id, direction."""
+    """One row per item of `column` (`ugc` or `pair_feedback`): its pair, kind, position, id
+    and direction (coded)."""
     items = personas[column].combine_chunks()
     lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(items)
@@ -227,79 +288,102 @@ def flat_items(personas: pa.Table, column: str) -> pa.Table:
     return pa.table(
         {
             "pair_id": pc.take(personas["pair_id"], pa.array(np.repeat(np.arange(len(lengths)), lengths))),
-            "kind": pa.array(np.full(len(flat), ITEM_KINDS[column], np.int8)),
+            "kind": pa.array(np.full(len(flat), PERSONA_KINDS[column], np.int8)),
             "position": pa.array((np.arange(len(flat)) - np.repeat(starts, lengths)).astype(np.int32)),
             "item_id": flat.field(0),
-            "direction": flat.field("direction"),
+            "direction_code": direction_codes(flat.field("direction")),
         }
     )
 
 
-def with_item_text(items: pa.Table) -> pa.Table:
-    """Joined items in FLAT_ITEMS_SCHEMA: the text columns a kind lacks are null."""
+def persona_items(personas: pa.Table) -> pa.Table:
+    """Both personas' items of a batch of personas, one row each."""
+    return pa.concat_tables([flat_items(personas, column) for column in PERSONA_KINDS])
+
+
+def joined_row(pieces: pa.Table) -> pa.Table:
+    """One pair's pieces -> its JOINED_SCHEMA row, items in persona order (no row for a pair
+    without personas, as an inner join would give)."""
+    pieces = pieces.sort_by([("kind", "ascending"), ("position", "ascending")])
+    kinds = pieces["kind"].to_numpy()
+    first = {kind: int(np.argmax(kinds == kind)) for kind in (PAIR, VOTES, DEMO) if (kinds == kind).any()}
+    if PAIR not in first or VOTES not in first:
+        return JOINED_SCHEMA.empty_table()
+    lists = {}
+    for column, kind in PERSONA_KINDS.items():
+        part = pieces.filter(pc.equal(pieces["kind"], kind))
+        item_type = UGC_TEXT_ITEM if kind == UGC else PAIR_TEXT_ITEM
+        names = ["item_id", "prompt", "comment"] if kind == UGC else ["item_id", "prompt", "chosen", "rejected"]
+        columns = [part[n].combine_chunks() for n in names]
+        columns.append(code_directions(part["direction_code"].combine_chunks()))
+        structs = pa.StructArray.from_arrays(columns, fields=list(item_type))
+        lists[column] = pa.ListArray.from_arrays(pa.array([0, part.num_rows], pa.int32()), structs)
+
+    def value(name: str, kind: int) -> pa.Array:
+        column = pieces[name]
+        return column.slice(first[kind], 1) if kind in first else pa.nulls(1, column.type)
+
+    pair_columns = ("pair_id", "thread_id", "prompt", "chosen", "rejected", "direction", "source")
     return pa.table(
         {
-            f.name: items[f.name] if f.name in items.column_names else pa.nulls(items.num_rows, f.type)
-            for f in FLAT_ITEMS_SCHEMA
+            **{name: value(name, PAIR) for name in pair_columns},
+            **lists,
+            "ugc_direction": value("ugc_direction", VOTES),
+            "pair_direction": value("pair_direction", VOTES),
+            "demo_text": value("demo_text", DEMO),
+            "demo_direction": value("demo_direction", DEMO),
         },
-        schema=FLAT_ITEMS_SCHEMA,
+        schema=JOINED_SCHEMA,
     )
 
 
-def nest_items(group: pa.Table) -> pa.Table:
-    """One pair's joined items -> one row: its `ugc` and `pair_feedback` lists, in persona order."""
-    group = group.sort_by([("kind", "ascending"), ("position", "ascending")])
-    lists = {}
-    for column, kind in ITEM_KINDS.items():
-        part = group.filter(pc.equal(group["kind"], kind))
-        names = ["item_id", "prompt", "comment"] if kind == 0 else ["item_id", "prompt", "chosen", "rejected"]
-        item_type = UGC_TEXT_ITEM if kind == 0 else PAIR_TEXT_ITEM
-        structs = pa.StructArray.from_arrays(
-            [part[n].combine_chunks() for n in names + ["direction"]], fields=list(item_type)
-        )
-        lists[column] = pa.ListArray.from_arrays(pa.array([0, part.num_rows], pa.int32()), structs)
-    return pa.table({"pair_id": group["pair_id"].slice(0, 1), **lists})
-
-
 def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None, annotate_dir: Path):
-    """A Ray Dataset of one row per pair: its pair columns, personas and (when built) P_DEMO.
+    """A Ray Dataset of one row per pair (JOINED_SCHEMA): its pair columns, its personas with
+    their items' text, and (when built) P_DEMO.
 
-    Personas name their items by id; here, once, each item gets its text: UGC items from the
-    annotated responses, PAIR items from the pairs, by Ray Data hash joins, then regrouped by
-    pair. Everything is joined by pair_id the same way, so no table passes through the driver."""
+    Personas name their items by id; here, once, every item gets its text by one Ray Data hash
+    join against the texts of all responses and pairs. Then the items, the pairs, the personas'
+    votes and P_DEMO are gathered by pair_id in one groupby. Two shuffles, sized by the data;
+    no table passes through the driver."""
     pairs = ray.data.read_parquet(str((pairs_dir / "data").resolve()))
     personas = ray.data.read_parquet(str((personas_dir / "data").resolve()))
     responses = ray.data.read_parquet(str((annotate_dir / "data").resolve()))
     partitions = shuffle_partitions(pairs_dir / "data", personas_dir / "data", annotate_dir / "data")
-    ugc = personas.map_batches(flat_items, fn_args=("ugc",), batch_format="pyarrow").join(
-        responses.select_columns(["response_id", "post", "response"]).rename_columns(
-            {"response_id": "item_id", "post": "prompt", "response": "comment"}
-        ),
-        "inner",
-        partitions,
-        on=("item_id",),
+    texts = (
+        responses.select_columns(["response_id", "post", "response"])
+        .rename_columns({"response_id": "item_id", "post": "prompt", "response": "comment"})
+        .map_batches(conform, fn_args=(TEXT_SCHEMA,), batch_format="pyarrow")
+        .union(
+            pairs.select_columns(["pair_id", "prompt", "chosen", "rejected"])
+            .rename_columns({"pair_id": "item_id"})
+            .map_batches(conform, fn_args=(TEXT_SCHEMA,), batch_format="pyarrow")
+        )
     )
-    feedback = personas.map_batches(flat_items, fn_args=("pair_feedback",), batch_format="pyarrow").join(
-        pairs.select_columns(["pair_id", "prompt", "chosen", "rejected"]).rename_columns({"pair_id": "item_id"}),
-        "inner",
-        partitions,
-        on=("item_id",),
+    items = personas.select_columns(list(PERSONA_KINDS) + ["pair_id"]).map_batches(
+        persona_items, batch_format="pyarrow"
     )
-    items = (
-        ugc.map_batches(with_item_text, batch_format="pyarrow")
-        .union(feedback.map_batches(with_item_text, batch_format="pyarrow"))
-        .groupby("pair_id", num_partitions=partitions)
-        .map_groups(nest_items, batch_format="pyarrow")
-    )
-    votes = personas.select_columns(["pair_id", "ugc_direction", "pair_direction"])
-    rows = pairs.join(votes, "inner", partitions, on=("pair_id",)).join(
-        items, "left_outer", partitions, on=("pair_id",)
-    )
+    pieces = [
+        items.join(texts, "inner", partitions, on=("item_id",)),
+        pairs.select_columns(["pair_id", "thread_id", "prompt", "chosen", "rejected", "direction", "source"]),
+        personas.select_columns(["pair_id", "ugc_direction", "pair_direction"]),
+    ]
+    kinds = [None, PAIR, VOTES]
     if demographics_dir is not None:
         demo = ray.data.read_parquet(str((demographics_dir / "data").resolve()))
-        demo = demo.select_columns(["pair_id", "demo_text", "demo_direction"])
-        rows = rows.join(demo, "left_outer", partitions, on=("pair_id",))
-    return rows
+        pieces.append(demo.select_columns(["pair_id", "demo_text", "demo_direction"]))
+        kinds.append(DEMO)
+    conformed = [
+        ds.map_batches(
+            conform, fn_args=(PIECES_SCHEMA,), fn_kwargs={} if kind is None else {"kind": kind}, batch_format="pyarrow"
+        )
+        for ds, kind in zip(pieces, kinds)
+    ]
+    return (
+        conformed[0]
+        .union(*conformed[1:])
+        .groupby("pair_id", num_partitions=partitions)
+        .map_groups(joined_row, batch_format="pyarrow")
+    )
 
 
 def run_assemble(

@@ -20,10 +20,9 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.aggregate import Count, Sum
 
-from alignx_ray.build.annotate import LABELLED_COLUMNS, only_labelled
 from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import shuffle_partitions, write_rejected
-from alignx_ray.common.schema import PAIRS_SCHEMA, list_matrix
+from alignx_ray.common.schema import LABELLED_COLUMNS, PAIRS_SCHEMA, list_matrix, only_labelled
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import compare_levels, intensity_embedding
 

@@ -25,13 +25,11 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.aggregate import Count, Mean, Sum
 
-from alignx_ray.build.annotate import only_labelled
 from alignx_ray.common.config import PoolConfig, Section
 from alignx_ray.common.raydata import map_resumable
-from alignx_ray.common.schema import PERSONAS_SCHEMA, list_matrix
+from alignx_ray.common.schema import PERSONAS_SCHEMA, REJECT_COLUMN, list_matrix, only_labelled
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL, level_to_direction
-from alignx_ray.engines.labelling import REJECT_COLUMN
 from alignx_ray.engines.retrieval import IndexKind, LevelIndex, min_equal_dims
 
 

@@ -59,6 +59,17 @@ REJECTED_SCHEMA = pa.schema(
         ("raw", pa.string()),
     ]
 )
+# The annotate stage's table: the responses, their levels and option probabilities, and the
+# reason a response has no levels (null when labelled). The dataset build reads these columns.
+REJECT_COLUMN = "reject_reason"
+LABELLED_COLUMNS = ["thread_id", "response_id", "post", "response", "source", "levels", REJECT_COLUMN]
+
+
+def only_labelled(table: pa.Table) -> pa.Table:
+    """The responses of `table` that have levels (rejected ones are already in annotate/_rejected)."""
+    return table.filter(pc.is_null(table[REJECT_COLUMN])).drop_columns([REJECT_COLUMN])
+
+
 PAIRS_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),

@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from alignx_ray.common import prompts
+from alignx_ray.common.schema import REJECT_COLUMN
 from alignx_ray.common.space import OPTION_LEVELS, SPACE
 from alignx_ray.engines.scoring import ScoreRequest
 
 # Argmax option index -> level (the order of `OPTION_LEVELS`).
 OPTION_INDEX_TO_LEVEL = np.array(OPTION_LEVELS, dtype=np.uint8)
-REJECT_COLUMN = "reject_reason"
 
 
 class QuestionBank:
