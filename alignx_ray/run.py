@@ -8,7 +8,8 @@ killed run with the same command finishes it, and the report says what was reuse
 and recomputed.
 
 The stages in run order: threads (demo only) -> ingest -> annotate -> pairs -> personas ->
-demographics -> dataset (assembly + statistics) -> train_ica / train_pba -> evaluate / judge.
+demographics -> universal (when configured) -> dataset (assembly + statistics) -> train_ica /
+train_pba -> evaluate / judge.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from alignx_ray.build.demographics import DemographicsConfig, run_demographics
 from alignx_ray.build.ingest import IngestConfig, run_ingest
 from alignx_ray.build.pairs import PairsConfig, run_pairs
 from alignx_ray.build.personas import PersonaConfig, run_personas
-from alignx_ray.build.stats import write_split_statistics
+from alignx_ray.build.stats import split_sources, table1_markdown, write_split_statistics
+from alignx_ray.build.universal import UniversalConfig, run_universal
 from alignx_ray.common.config import RayConfig, Section, SpaceConfig
 from alignx_ray.common.prompts import PromptTemplates
 from alignx_ray.common.raydata import claim_workdir, init_ray
@@ -49,6 +51,8 @@ class BuildConfig(Section):
     """The dataset build: each stage's own settings.
 
     demographics_enabled: off skips the LLM stage (examples then have no P_DEMO).
+    universal: the universal-value files (PKU-SafeRLHF, UltraFeedback, HelpSteer2) mixed into
+        train, and their personas' settings; none by default.
     """
 
     pairs: PairsConfig = PairsConfig()
@@ -56,6 +60,7 @@ class BuildConfig(Section):
     demographics: DemographicsConfig = DemographicsConfig()
     assemble: AssembleConfig = AssembleConfig()
     demographics_enabled: bool = True
+    universal: UniversalConfig = UniversalConfig()
 
 
 class RunConfig(Section):
@@ -98,6 +103,16 @@ def fit_accuracy(prepared: Path, n: int, config: EvalConfig, policy: str, refere
     )
     margin = reward_margin(score_resumable(table, config, policy, reference, work))
     return {"fit_accuracy": float(np.mean(margin > 0)), "n": len(margin), "mean_margin": float(np.mean(margin))}
+
+
+def input_stamp(path: str) -> list:
+    """What a run knows of an input's content: the newest modification time of a local file or
+    folder's files, else (a URI) its name."""
+    local = Path(path)
+    if not local.exists():
+        return [path]
+    files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+    return [path, max((f.stat().st_mtime for f in files), default=None), len(files)]
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -251,11 +266,25 @@ class Run:
             ),
         )
 
+    def universal(self) -> dict | None:
+        """The universal-value pairs and their personas; None when no file is configured. The
+        files enter the key by their modification times (a URI by its name only)."""
+        cfg = self.config.build.universal
+        if not cfg.sources:
+            return None
+        key = fingerprint(cfg, self.config.space, [input_stamp(item.path) for item in cfg.sources])
+        return self.ray_stage(
+            "universal", key, lambda: run_universal(cfg, self.config.space.build(), self.dir("universal"))
+        )
+
     def dataset(self) -> dict:
-        """Assemble train / test in the AlignX schema, then the statistics report."""
-        personas, demo = self.personas(), self.demographics()
+        """Assemble train / test in the AlignX schema, then the statistics report and the
+        examples per source (Table 1)."""
+        personas, demo, universal = self.personas(), self.demographics(), self.universal()
         cfg = self.config.build.assemble
-        key = fingerprint(cfg, personas["fingerprint"], demo and demo["fingerprint"])
+        key = fingerprint(
+            cfg, personas["fingerprint"], demo and demo["fingerprint"], universal and universal["fingerprint"]
+        )
         out = self.dir("dataset")
 
         def compute() -> dict:
@@ -266,9 +295,13 @@ class Run:
                 self.dir("personas"),
                 self.dir("demographics") if demo else None,
                 out,
+                self.dir("universal") if universal else None,
             )
-            stats = write_split_statistics(out / "train", out / "stats", self.config.space.build(), self.run_dir)
-            return {**figures, "markdown": stats.pop("markdown"), "statistics": stats}
+            space = self.config.space.build()
+            stats = write_split_statistics(out / "train", out / "stats", space, self.run_dir)
+            sources = split_sources(out / "train", space)
+            markdown = stats.pop("markdown") + "\n" + table1_markdown(sources, space)
+            return {**figures, "markdown": markdown, "statistics": stats, "sources": sources}
 
         return self.ray_stage("dataset", key, compute)
 

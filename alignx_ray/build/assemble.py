@@ -6,7 +6,9 @@ dimension x direction: for each dimension d, n_d examples with direction 1 and n
 d, where the pair and every persona show that direction on d and both behavioural personas
 have at least `test_items` items, n_d = min(per_cell, eligible positive, eligible negative).
 Its personas keep `test_items` sampled items. Every thread with a test example is left out
-of train, so no post of the test split is trained on.
+of train, so no post of the test split is trained on. Universal-value pairs (`universal.py`:
+PKU-SafeRLHF, UltraFeedback, HelpSteer2), when the run has them, go to train only: AlignX_test
+is built from the forum pairs (Appendix C.1 follows §4.2, whose personas they lack).
 
 Ray layer: the stages' tables joined by pair_id (Ray Data hash joins), each cell's first
 candidates in draw order kept by a groupby (enough to make the draw exact, so the driver
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from alignx_ray.build.personas import example_consistent
+from alignx_ray.build.public_pairs import is_universal
 from alignx_ray.common import schema
 from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import shuffle_partitions, write_rejected
@@ -62,13 +65,13 @@ def persona_directions(row: dict) -> list[np.ndarray]:
 
 def cell_candidates(rows: list[dict], config: AssembleConfig) -> list[tuple[int, float, float, str, str]]:
     """(dimension, direction, draw key, pair_id, thread_id) for each cell an eligible example
-    can stand in: it has `test_items` items in both behavioural personas, is consistent, and
-    the pair and every persona show that direction on that dimension."""
+    can stand in: it is a forum pair, has `test_items` items in both behavioural personas, is
+    consistent, and the pair and every persona show that direction on that dimension."""
     out = []
     for r in rows:
         directions = persona_directions(r)
         direction = np.asarray(r["direction"])
-        if min(len(r["ugc"] or []), len(r["pair_feedback"] or [])) < config.test_items:
+        if is_universal(r["pair_id"]) or min(len(r["ugc"] or []), len(r["pair_feedback"] or [])) < config.test_items:
             continue
         if not example_consistent(direction, directions):
             continue
@@ -261,7 +264,7 @@ def conform(table: pa.Table, target: pa.Schema, **constants) -> pa.Table:
     return pa.table(columns, schema=target)
 
 
-def direction_codes(directions: pa.Array) -> pa.Array:
+def pack_directions(directions: pa.Array) -> pa.Array:
     """Directions (0, 0.5 or 1 per dimension) as one byte each: an item crosses the shuffles in
     D bytes instead of 8D."""
     n = len(directions)
@@ -270,8 +273,8 @@ def direction_codes(directions: pa.Array) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(codes.tobytes())])
 
 
-def code_directions(codes: pa.Array) -> pa.Array:
-    """The inverse of `direction_codes`."""
+def unpack_directions(codes: pa.Array) -> pa.Array:
+    """The inverse of `pack_directions`."""
     if len(codes) == 0:
         return pa.array([], schema.DIRECTION_TYPE)
     values = np.frombuffer(b"".join(codes.to_pylist()), np.uint8) / 2
@@ -291,7 +294,7 @@ def flat_items(personas: pa.Table, column: str) -> pa.Table:
             "kind": pa.array(np.full(len(flat), PERSONA_KINDS[column], np.int8)),
             "position": pa.array((np.arange(len(flat)) - np.repeat(starts, lengths)).astype(np.int32)),
             "item_id": flat.field(0),
-            "direction_code": direction_codes(flat.field("direction")),
+            "direction_code": pack_directions(flat.field("direction")),
         }
     )
 
@@ -315,7 +318,7 @@ def joined_row(pieces: pa.Table) -> pa.Table:
         item_type = UGC_TEXT_ITEM if kind == UGC else PAIR_TEXT_ITEM
         names = ["item_id", "prompt", "comment"] if kind == UGC else ["item_id", "prompt", "chosen", "rejected"]
         columns = [part[n].combine_chunks() for n in names]
-        columns.append(code_directions(part["direction_code"].combine_chunks()))
+        columns.append(unpack_directions(part["direction_code"].combine_chunks()))
         structs = pa.StructArray.from_arrays(columns, fields=list(item_type))
         lists[column] = pa.ListArray.from_arrays(pa.array([0, part.num_rows], pa.int32()), structs)
 
@@ -337,18 +340,29 @@ def joined_row(pieces: pa.Table) -> pa.Table:
     )
 
 
-def joined(pairs_dir: Path, personas_dir: Path, demographics_dir: Path | None, annotate_dir: Path):
+def joined(
+    pairs_dir: Path,
+    personas_dir: Path,
+    demographics_dir: Path | None,
+    annotate_dir: Path,
+    universal_dir: Path | None = None,
+):
     """A Ray Dataset of one row per pair (JOINED_SCHEMA): its pair columns, its personas with
     their items' text, and (when built) P_DEMO.
 
     Personas name their items by id; here, once, every item gets its text by one Ray Data hash
     join against the texts of all responses and pairs. Then the items, the pairs, the personas'
     votes and P_DEMO are gathered by pair_id in one groupby. Two shuffles, sized by the data;
-    no table passes through the driver."""
-    pairs = ray.data.read_parquet(str((pairs_dir / "data").resolve()))
-    personas = ray.data.read_parquet(str((personas_dir / "data").resolve()))
+    no table passes through the driver. The universal pairs and personas, when given, are read
+    beside the forum ones (same schemas)."""
+    pair_folders, persona_folders = [pairs_dir / "data"], [personas_dir / "data"]
+    if universal_dir is not None:
+        pair_folders.append(universal_dir / "pairs")
+        persona_folders.append(universal_dir / "personas")
+    pairs = ray.data.read_parquet([str(f.resolve()) for f in pair_folders])
+    personas = ray.data.read_parquet([str(f.resolve()) for f in persona_folders])
     responses = ray.data.read_parquet(str((annotate_dir / "data").resolve()))
-    partitions = shuffle_partitions(pairs_dir / "data", personas_dir / "data", annotate_dir / "data")
+    partitions = shuffle_partitions(*pair_folders, *persona_folders, annotate_dir / "data")
     texts = (
         responses.select_columns(["response_id", "post", "response"])
         .rename_columns({"response_id": "item_id", "post": "prompt", "response": "comment"})
@@ -393,8 +407,10 @@ def run_assemble(
     personas_dir: Path,
     demographics_dir: Path | None,
     out_dir: Path,
+    universal_dir: Path | None = None,
 ) -> dict:
-    """The AlignX train and test splits (parquet in the official schema) and their rejects.
+    """The AlignX train and test splits (parquet in the official schema) and their rejects;
+    with `universal_dir` (the universal stage's folder), its pairs join train.
 
     The joined pairs are written once, then read twice: for the test draw's candidates (at
     most `candidates_per_cell` per cell, kept by a Ray Data groupby, so the driver draws from
@@ -403,7 +419,9 @@ def run_assemble(
     staging = out_dir / "_staging"
     for folder in (staging, out_dir / "train", out_dir / "test"):  # no partial output of a killed run
         shutil.rmtree(folder, ignore_errors=True)
-    joined(pairs_dir, personas_dir, demographics_dir, annotate_dir).write_parquet(str((staging / "joined").resolve()))
+    joined(pairs_dir, personas_dir, demographics_dir, annotate_dir, universal_dir).write_parquet(
+        str((staging / "joined").resolve())
+    )
     rows = ray.data.read_parquet(str((staging / "joined").resolve()))
     n_dims = _direction_length(pairs_dir)
     candidates = rows.map_batches(_candidate_rows, fn_args=(config,), batch_format="pyarrow")

@@ -179,14 +179,21 @@ def select_items(pairs: pa.Table, pool: Pool, index: LevelIndex, config: Persona
     return out
 
 
-def persona_column(pool: Pool, items: list[np.ndarray], id_name: str, item_type: pa.DataType) -> pa.Array:
-    """Each pair's items as a list of {id, direction}, built column-wise."""
-    rows = np.concatenate(items) if items else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum([len(x) for x in items])]).astype(np.int32)
-    n_dims = pool.levels.shape[1]
-    directions = pa.FixedSizeListArray.from_arrays(pool.directions(rows).ravel(), n_dims).cast(pa.list_(pa.float64()))
-    structs = pa.StructArray.from_arrays([pool.ids.take(rows), directions], names=[id_name, "direction"])
+def item_lists(
+    ids: pa.Array, directions: np.ndarray, lengths: list[int], id_name: str, item_type: pa.DataType
+) -> pa.Array:
+    """Lists of {id, direction} items, built column-wise: the first lengths[0] of the (n,)
+    ids and (n, D) directions for the first row, and so on."""
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    vectors = pa.FixedSizeListArray.from_arrays(directions.ravel(), directions.shape[1]).cast(pa.list_(pa.float64()))
+    structs = pa.StructArray.from_arrays([ids, vectors], names=[id_name, "direction"])
     return pa.ListArray.from_arrays(pa.array(offsets), structs).cast(item_type)
+
+
+def persona_column(pool: Pool, items: list[np.ndarray], id_name: str, item_type: pa.DataType) -> pa.Array:
+    """Each pair's items as a list of {id, direction}."""
+    rows = np.concatenate(items) if items else np.zeros(0, np.int64)
+    return item_lists(pool.ids.take(rows), pool.directions(rows), [len(x) for x in items], id_name, item_type)
 
 
 def voted_column(pool: Pool, items: list[np.ndarray]) -> pa.Array:

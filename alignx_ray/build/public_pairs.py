@@ -29,12 +29,14 @@ the prompt gives no pair every one of its rows is rejected with the reason why.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import chain, combinations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from alignx_ray.build.ingest import Located, read_records, reject, text_problem
 from alignx_ray.common.schema import PAIRS_SCHEMA, REJECTED_SCHEMA
@@ -104,15 +106,20 @@ def same_text(a: str, b: str) -> bool:
     return a.strip() == b.strip()
 
 
+def mapped_dimensions(labels: dict[str, str | None], space: PreferenceSpace) -> dict[str, int]:
+    """Dataset label -> index in `space` of its dimension, for the labels that have one."""
+    missing = [name for name in labels.values() if name is not None and name not in space.names]
+    if missing:
+        raise ValueError(f"the preference space has no dimension {missing}")
+    return {label: space.names.index(name) for label, name in labels.items() if name is not None}
+
+
 class PairBuilder:
     """Collects the pairs and rejected rows of one source, with directions over `space`."""
 
     def __init__(self, source: str, labels: dict[str, str | None], space: PreferenceSpace):
-        missing = [name for name in labels.values() if name is not None and name not in space.names]
-        if missing:
-            raise ValueError(f"the preference space has no dimension {missing}")
         self.source = source
-        self.indices = {label: space.names.index(name) for label, name in labels.items() if name is not None}
+        self.indices = mapped_dimensions(labels, space)
         self.unmapped_labels = [label for label, name in labels.items() if name is None]
         self.size = len(space)
         self.pair_ids: set[str] = set()
@@ -390,6 +397,27 @@ SOURCES = {
 }
 
 
+# A universal pair's id is `<source>-<16 hex digits>` (PairBuilder.add_pair); a Reddit pair's,
+# `<chosen response id>><rejected response id>`, always holds a ">", so an example's source
+# is known from its id alone, and the released AlignX schema needs no source column.
+UNIVERSAL_ID = re.compile(rf"^(?P<source>{'|'.join(SOURCES)})-[0-9a-f]{{16}}$")
+FORUM = "forum"  # the source name of every other example (the paper's Reddit)
+
+
+def source_dimensions(source: str, space: PreferenceSpace = SPACE) -> list[int]:
+    """Indices in `space` of the dimensions that `source`'s pairs can be non-neutral on."""
+    return sorted(set(mapped_dimensions(SOURCES[source][0], space).values()))
+
+
+def is_universal(pair_id: str) -> bool:
+    return UNIVERSAL_ID.match(pair_id) is not None
+
+
+def sources_of(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Each example's source from its id: a universal source's name, else FORUM."""
+    return pc.fill_null(pc.struct_field(pc.extract_regex(ids, UNIVERSAL_ID.pattern), "source"), FORUM)
+
+
 def universal_pairs(items: Iterable[Located], source: str, space: PreferenceSpace = SPACE) -> UniversalResult:
     """The pure core: rows of `source`, in its public schema, -> pairs and rejected rows.
 
@@ -403,13 +431,18 @@ def universal_pairs(items: Iterable[Located], source: str, space: PreferenceSpac
     return builder.result
 
 
-def read_universal(path_or_uri: str, source: str, space: PreferenceSpace = SPACE) -> tuple[pa.Table, pa.Table]:
-    """(pairs, rejected) tables from a file or directory, local or a pyarrow filesystem URI.
+def read_universal(
+    path_or_uri: str | Sequence[str], source: str, space: PreferenceSpace = SPACE
+) -> tuple[pa.Table, pa.Table]:
+    """(pairs, rejected) tables from a file or directory, local or a pyarrow filesystem URI, or
+    from several, read in order as one input (a pair made again from a later file is rejected
+    as a duplicate; a HelpSteer2 prompt's rows may span files).
 
     Pairs have the schema of the Reddit pairs (PAIRS_SCHEMA), so both feed the same later
     stages; the intensity levels are null, as these datasets give ratings, not levels. Files
     are read as ingest reads them: parquet, or JSON Lines (`.jsonl`, and `.json` holding one
     object per line).
     """
-    result = universal_pairs(read_records(path_or_uri), source, space)
+    paths = [path_or_uri] if isinstance(path_or_uri, str) else path_or_uri
+    result = universal_pairs(chain.from_iterable(read_records(path) for path in paths), source, space)
     return (pa.Table.from_pylist(result.pairs, PAIRS_SCHEMA), pa.Table.from_pylist(result.rejected, REJECTED_SCHEMA))

@@ -12,7 +12,9 @@ figures, all computed from the examples' `Preference Direction` column:
   varying intensities" (E.2), a check for societal bias.
 
 `dataset_statistics` computes them over a NumPy matrix; `write_statistics` also draws the
-figures and the markdown for the run report.
+figures and the markdown for the run report. `split_sources` adds Table 1: examples per
+source (forum or a universal-value dataset, known from the example id) and, per dimension a
+universal source rates, how many of them have a direction on it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pyarrow.compute as pc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from alignx_ray.build.public_pairs import FORUM, SOURCES, source_dimensions, sources_of
 from alignx_ray.common.raydata import shuffle_partitions
 from alignx_ray.common.schema import DIRECTION
 from alignx_ray.common.space import NEGATIVE, NEUTRAL, POSITIVE, SPACE, PreferenceSpace
@@ -198,23 +201,17 @@ def split_statistics(split_dir: Path, space: PreferenceSpace = SPACE, batch_size
     import ray.data  # lazy: the pure statistics above need no Ray
 
     directions = ray.data.read_parquet(str(Path(split_dir).resolve())).select_columns([DIRECTION])
-
-    def partial_block(batch: pa.Table) -> pa.Table:
-        return pa.table({"partial": [pickle.dumps(partial_statistics(directions_from_table(batch, space), space))]})
+    total = _streamed_sum(
+        directions, lambda batch: partial_statistics(directions_from_table(batch, space), space), batch_size
+    )
+    if total is None or total["n"] == 0:
+        raise ValueError("no examples: the statistics are undefined")
 
     def code_block(batch: pa.Table) -> pa.Table:
         digits = _codes(_checked_directions(directions_from_table(batch, space), space)).astype(np.int64)
         parts = [digits[:, start : start + CODE_DIGITS] for start in range(0, digits.shape[1], CODE_DIGITS)]
         return pa.table({f"code{k}": part @ 3 ** np.arange(part.shape[1]) for k, part in enumerate(parts)})
 
-    total = None
-    partials = directions.map_batches(partial_block, batch_format="pyarrow", batch_size=batch_size)
-    for batch in partials.iter_batches(batch_format="pyarrow", batch_size=None):
-        for blob in batch.column("partial").to_pylist():  # one per block: a few, not one per row
-            part = pickle.loads(blob)
-            total = part if total is None else add_partials(total, part)
-    if total is None or total["n"] == 0:
-        raise ValueError("no examples: the statistics are undefined")
     codes = directions.map_batches(code_block, batch_format="pyarrow", batch_size=batch_size)
     distinct = (
         codes.groupby([f"code{k}" for k in range(-(-len(space) // CODE_DIGITS))], num_partitions=shuffle_partitions())
@@ -222,6 +219,84 @@ def split_statistics(split_dir: Path, space: PreferenceSpace = SPACE, batch_size
         .count()
     )
     return statistics_from_partial(total, distinct, space)
+
+
+def _streamed_sum(ds, partial, batch_size: int):
+    """The sum (`add_partials`) of `partial(batch)` over a Ray Dataset's batches: each block's
+    partial computed in parallel, pickled, and added up in the driver as they arrive (one per
+    block: a few, not one per row). None for an empty dataset."""
+
+    def partial_block(batch: pa.Table) -> pa.Table:
+        return pa.table({"partial": [pickle.dumps(partial(batch))]})
+
+    total = None
+    partials = ds.map_batches(partial_block, batch_format="pyarrow", batch_size=batch_size)
+    for batch in partials.iter_batches(batch_format="pyarrow", batch_size=None):
+        for blob in batch.column("partial").to_pylist():
+            part = pickle.loads(blob)
+            total = part if total is None else add_partials(total, part)
+    return total
+
+
+def source_counts(table: pa.Table, space: PreferenceSpace = SPACE) -> dict[str, np.ndarray]:
+    """Per source of the examples (`public_pairs.sources_of` their ids): (D + 1,) int64, the
+    examples with a non-neutral direction on each dimension, then the number of examples. Each
+    source is a key of every result, so results add up with `add_partials`."""
+    sources = sources_of(table.column("example_id")).to_numpy(zero_copy_only=False)
+    decided = directions_from_table(table, space) != NEUTRAL
+    return {
+        source: np.append(decided[sources == source].sum(axis=0), (sources == source).sum()).astype(np.int64)
+        for source in (FORUM, *SOURCES)
+    }
+
+
+def table1(counts: dict[str, np.ndarray], space: PreferenceSpace = SPACE) -> dict:
+    """Table 1 from `source_counts`: per source with examples, {examples, non_neutral: {dimension
+    name: count}} over the dimensions some universal source rates (forum examples counted on
+    them too, for comparison; a universal source only on its own)."""
+    rated = {source: source_dimensions(source, space) for source in SOURCES}
+    shown = sorted({d for dims in rated.values() for d in dims})
+    return {
+        source: {
+            "examples": int(row[-1]),
+            "non_neutral": {space[d].name: int(row[d]) for d in rated.get(source, shown)},
+        }
+        for source, row in counts.items()
+        if row[-1]
+    }
+
+
+def split_sources(split_dir: Path, space: PreferenceSpace = SPACE, batch_size: int = 16384) -> dict:
+    """`table1` of a split's parquet files, streamed: the example ids and directions alone are
+    read, and each block's `source_counts` added up as they arrive."""
+    import ray.data  # lazy: the pure statistics above need no Ray
+
+    ds = ray.data.read_parquet(str(Path(split_dir).resolve())).select_columns(["example_id", DIRECTION])
+    counts = _streamed_sum(ds, lambda batch: source_counts(batch, space), batch_size)
+    return table1(counts or {}, space)
+
+
+def table1_markdown(table: dict, space: PreferenceSpace = SPACE) -> str:
+    """Table 1 as a report.md section: a column per source, a row per dimension ("-": a
+    universal source that does not rate it)."""
+    if not table:
+        return ""
+    sources = list(table)
+    dimensions = list(dict.fromkeys(name for row in table.values() for name in row["non_neutral"]))
+    lines = [
+        "## Sources (paper Table 1)",
+        "",
+        f"Examples per source, and how many have a non-neutral direction on each universal-value dimension"
+        f" ({FORUM}: the annotated threads, the paper's Reddit).",
+        "",
+        "| | " + " | ".join(sources) + " |",
+        "|---|" + "---:|" * len(sources),
+        "| examples | " + " | ".join(f"{table[s]['examples']:,}" for s in sources) + " |",
+    ]
+    for name in dimensions:
+        cells = [table[s]["non_neutral"].get(name) for s in sources]
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:,}" for c in cells) + " |")
+    return "\n".join(lines + [""])
 
 
 def _write_figures(stats: dict, out_dir: Path, space: PreferenceSpace, report_dir: Path | None) -> dict:

@@ -148,8 +148,9 @@ def as_rejected(rows: pa.Table, stage: str) -> pa.Table:
     return pa.table(columns).cast(REJECTED_SCHEMA)
 
 
-def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> int:
-    """A stage's rejected rows to `out_dir/_rejected/<stage>.parquet`; returns how many.
+def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table, part: str | None = None) -> int:
+    """A stage's rejected rows to `out_dir/_rejected/<stage>.parquet` (`<stage>-<part>.parquet`
+    for a stage that rejects in several steps or tasks); returns how many.
 
     `rows` are dicts or a table holding some of `REJECTED_SCHEMA`'s columns (the rest null);
     every row's `stage` is `stage`.
@@ -158,5 +159,5 @@ def write_rejected(out_dir: Path, stage: str, rows: list[dict] | pa.Table) -> in
         rows = pa.Table.from_pylist(rows, REJECTED_SCHEMA)
     table = as_rejected(rows, stage)
     (out_dir / "_rejected").mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out_dir / "_rejected" / f"{stage}.parquet")
+    pq.write_table(table, out_dir / "_rejected" / f"{stage if part is None else f'{stage}-{part}'}.parquet")
     return table.num_rows
