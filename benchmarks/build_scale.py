@@ -140,6 +140,11 @@ def measure_size(responses: int, scratch: Path, tokenizer_dir: Path, seed: int) 
             "rows_out": rows_of(output) if output else None,
         }
         print(f"  {written:>9} responses  {name:14s} {json.dumps(stages[name])}", flush=True)
+    # Retrieval's work is queries x pool (every pair against every response, and every pair):
+    # its rate, a lower bound since the stage's seconds include more than the searches.
+    persona = stages["personas"]
+    persona["comparisons"] = persona["rows_out"] * (written + persona["rows_out"])
+    persona["comparisons_per_second"] = round(persona["comparisons"] / max(persona["seconds"], 1e-3))
     shutil.rmtree(work, ignore_errors=True)
     return {
         **figures,
@@ -175,24 +180,26 @@ def main() -> None:
 
     from alignx_ray.common.config import RayConfig
     from alignx_ray.common.raydata import init_ray
-    from alignx_ray.fixtures.tiny import build_tiny_model
 
     ray = init_ray(RayConfig(num_cpus=args.num_cpus))
+
+    @ray.remote
+    def tiny_tokenizer(path: Path) -> Path:
+        """Built in a task, so torch is never imported here and the driver's RSS is the pipeline's."""
+        from alignx_ray.fixtures.tiny import build_tiny_model
+
+        return build_tiny_model(path)
+
     scratch = Path(tempfile.mkdtemp(prefix="alignx-scale-"))
-    # Built in a task, so torch is never imported here and the driver's RSS is the pipeline's.
-    tokenizer_dir = ray.get(ray.remote(build_tiny_model).remote(scratch / "tiny"))
-    sizes = []
+    tokenizer_dir = ray.get(tiny_tokenizer.remote(scratch / "tiny"))
+    result = {"machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB", "sizes": []}
     for responses in args.responses:
         print(f"{responses} responses", flush=True)
-        sizes.append(measure_size(responses, scratch, tokenizer_dir, args.seed))
+        result["sizes"].append(measure_size(responses, scratch, tokenizer_dir, args.seed))
+        result["growth"] = growth(result["sizes"])
+        if args.out:  # after every size, so a long run keeps what it measured
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)
-    result = {
-        "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "sizes": sizes,
-        "growth": growth(sizes),
-    }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 
 
