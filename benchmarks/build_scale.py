@@ -117,13 +117,17 @@ def build_stages(work: Path, tokenizer_dir: Path):
 
 
 def measure_size(responses: int, scratch: Path, tokenizer_dir: Path, seed: int) -> dict:
+    import ray
+
     from alignx_ray.fixtures import synthetic
 
     work = scratch / f"n{responses}"
     started = time.time()
     n_threads = max(1, round(responses / RESPONSES_PER_THREAD))
     config = synthetic.SyntheticConfig(n_threads=n_threads, n_users=max(120, n_threads // 10), seed=seed)
-    written = synthetic.write_planted_annotations(config, work / "annotate" / "data")
+    # Generated in a task: the corpus is the input, and its memory is not the driver's.
+    generate = ray.remote(synthetic.write_planted_annotations)
+    written = ray.get(generate.remote(config, work / "annotate" / "data"))
     figures = {"responses": written, "threads": n_threads, "generate_seconds": round(time.time() - started, 1)}
     stages = {}
     for name, run, output in build_stages(work, tokenizer_dir):

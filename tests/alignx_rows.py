@@ -1,9 +1,20 @@
 """AlignX rows for tests: persona items whose directions are known."""
 
+import numpy as np
+
 from alignx_ray.common import schema
-from alignx_ray.common.space import SPACE
+from alignx_ray.common.space import NEUTRAL, SPACE
 
 D = len(SPACE)
+
+
+def example_consistent(direction: np.ndarray, personas: list[np.ndarray]) -> bool:
+    """The paper's filter, one example at a time (the oracle of the build's vectorised one):
+    some dimension is non-neutral in P and every present persona's vote equals P there."""
+    agree = direction != NEUTRAL
+    for persona in personas:
+        agree &= persona == direction
+    return bool(agree.any())
 
 
 def direction(**dims) -> list[float]:

@@ -6,12 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from alignx_rows import example_consistent
 from cpu import DEMO, cpu_pool
 
 from alignx_ray.build.assemble import AssembleConfig, run_assemble
 from alignx_ray.build.demographics import DemographicsConfig, demographics_batch, parse_demographic, run_demographics
 from alignx_ray.build.pairs import run_pairs
-from alignx_ray.build.personas import PersonaConfig, consistent, example_consistent, run_personas
+from alignx_ray.build.personas import PersonaConfig, consistent, run_personas
 from alignx_ray.build.stats import dataset_statistics, directions_from_table, split_statistics
 from alignx_ray.common import prompts, schema
 from alignx_ray.common.space import SPACE

@@ -4,21 +4,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from alignx_rows import example_consistent
 
 from alignx_ray.build.assemble import (
+    JOINED_SCHEMA,
     PAIR,
     PIECES_SCHEMA,
     TEXT_SCHEMA,
     VOTES,
     AssembleConfig,
-    assemble_rows,
+    assemble_examples,
     conform,
     joined_row,
+    persona_agreement,
     persona_items,
     select_test,
 )
 from alignx_ray.build.pairs import PairsConfig, cluster_thread, draw_pairs, thread_pairs
-from alignx_ray.build.personas import PersonaConfig, Pool, consistent, example_consistent, persona_rows, vote
+from alignx_ray.build.personas import PersonaConfig, Pool, consistent, persona_rows, vote
 from alignx_ray.common import schema
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import intensity_embedding
@@ -141,11 +144,21 @@ def test_vote_abstains_on_neutral_and_ties():
 
 
 def test_example_consistency_needs_one_common_dimension():
-    direction = np.array([1.0, 0.0, 0.5])
-    assert example_consistent(direction, [np.array([1.0, 0.5, 0.5]), np.array([1.0, 0.0, 0.5])])
-    assert not example_consistent(direction, [np.array([1.0, 0.5, 0.5]), np.array([0.5, 0.0, 0.5])])
-    assert not example_consistent(np.full(3, 0.5), [])
-    assert example_consistent(direction, [])
+    """The vectorised filter equals the per-example rule, a missing persona not voting."""
+    p = [1.0, 0.0, 0.5]
+    rows = [
+        {"direction": p, "ugc_direction": [1.0, 0.5, 0.5], "pair_direction": [1.0, 0.0, 0.5]},
+        {"direction": p, "ugc_direction": [1.0, 0.5, 0.5], "pair_direction": [0.5, 0.0, 0.5]},
+        {"direction": [0.5] * 3},
+        {"direction": p},
+        {"direction": p, "ugc_direction": [1.0, 0.0, 0.5], "demo_direction": [0.5, 0.0, 0.5]},
+    ]
+    agree = persona_agreement(pa.Table.from_pylist(rows, JOINED_SCHEMA))
+    assert agree.any(axis=1).tolist() == [True, False, False, True, True]
+    assert agree[4].tolist() == [False, True, False]
+    for row, kept in zip(rows, agree.any(axis=1)):
+        votes = [np.array(row[k]) for k in ("ugc_direction", "pair_direction", "demo_direction") if k in row]
+        assert example_consistent(np.array(row["direction"]), votes) == kept
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +231,12 @@ def joined(corpus, demo=None):
     return rows
 
 
+def joined_table(rows: list[dict]) -> pa.Table:
+    """Joined rows as the co-group writes them."""
+    sizes = [{"ugc_items": len(r["ugc"]), "pair_items": len(r["pair_feedback"])} for r in rows]
+    return pa.Table.from_pylist([{**r, **n} for r, n in zip(rows, sizes)], JOINED_SCHEMA)
+
+
 def test_pieces_of_a_pair_gather_into_its_joined_row(corpus):
     """Assembly's pure steps around its two shuffles: items flattened with their position, the
     text joined by id (here by a lookup, as Ray Data's join does), then every piece of a pair
@@ -270,31 +289,51 @@ def test_pieces_of_a_pair_gather_into_its_joined_row(corpus):
 def test_assemble_splits_are_balanced_disjoint_and_official(corpus):
     rows = joined(corpus)
     config = AssembleConfig(test_per_cell=2, test_items=4)
-    test = select_test(rows, config)
+    test = select_test(joined_table(rows), config)
     assert test
     cells = {}
     for d, v in test.values():
         cells.setdefault(d, []).append(v)
     assert all(vs.count(1.0) == vs.count(0.0) <= 2 for vs in cells.values())
     test_threads = {r["thread_id"] for r in rows if r["pair_id"] in test}
-    examples, rejected = assemble_rows(rows, test, test_threads, config)
-    assert examples.schema == schema.ALIGNX_SCHEMA
-    assert examples.num_rows + len(rejected) == len(rows)
+    staged = assemble_examples(joined_table(rows), test, test_threads, config)
+    examples = staged.filter(pc.is_null(staged["reject"])).select(schema.ALIGNX_SCHEMA.names)
+    assert examples.schema == schema.ALIGNX_SCHEMA and staged.num_rows == len(rows)
+    assert sorted(staged["example_id"].to_pylist()) == sorted(r["pair_id"] for r in rows)
     ex = examples.to_pylist()
     by_id = {r["pair_id"]: r for r in rows}
     train_prompts = {e["prompt"] for e in ex if e["split"] == "train"}
+    assert {e["example_id"] for e in ex if e["split"] == "test"} == set(test)
     for e in ex:
+        r = by_id[e["example_id"]]
         if e["split"] == "test":
             assert len(e[schema.UGC]) == len(e[schema.PAIR]) == 4
             d, v = test[e["example_id"]]
             assert e[schema.DIRECTION][d] == v and e["prompt"] not in train_prompts
-        r = by_id[e["example_id"]]
+            # The kept items are a seeded sample of the persona's, in persona order.
+            prompts = [u["prompt"] for u in r["ugc"]]
+            kept = [prompts.index(u["prompt"]) for u in e[schema.UGC]]
+            assert kept == sorted(kept)
+        else:
+            assert e[schema.UGC] == [
+                {"prompt": u["prompt"], "comment": u["comment"], schema.DIRECTION: u["direction"]} for u in r["ugc"]
+            ]
+            assert [p["chosen"] for p in e[schema.PAIR]] == [p["chosen"] for p in r["pair_feedback"]]
         assert example_consistent(
             np.array(r["direction"]), [np.array(r["ugc_direction"]), np.array(r["pair_direction"])]
         )
+    for reject in staged.filter(pc.is_valid(staged["reject"])).to_pylist():
+        r = by_id[reject["example_id"]]
+        if reject["reject"] == "thread_held_out_for_test":
+            assert r["thread_id"] in test_threads
+        else:
+            assert reject["reject"] == "personas_inconsistent_with_pair"
+            assert not example_consistent(
+                np.array(r["direction"]), [np.array(r["ugc_direction"]), np.array(r["pair_direction"])]
+            )
     assert schema.to_official(examples).num_rows == examples.num_rows
     # A cap stops adding dimensions once reached: fewer examples, cells still balanced.
-    capped = select_test(rows, AssembleConfig(test_per_cell=2, test_items=4, test_max=2))
+    capped = select_test(joined_table(rows), AssembleConfig(test_per_cell=2, test_items=4, test_max=2))
     dims = sorted({d for d, _ in capped.values()})
     assert 2 <= len(capped) < len(test) and dims == sorted({d for d, _ in test.values()})[: len(dims)]
     for d in dims:
@@ -304,8 +343,8 @@ def test_assemble_splits_are_balanced_disjoint_and_official(corpus):
 
 def test_inconsistent_demographic_rejects_the_example(corpus):
     rows = joined(corpus, demo=[0.5] * D)  # a P_DEMO that agrees nowhere
-    examples, rejected = assemble_rows(rows, {}, set(), AssembleConfig())
-    assert examples.num_rows == 0 and {r["reason"] for r in rejected} == {"personas_inconsistent_with_pair"}
+    staged = assemble_examples(joined_table(rows), {}, set(), AssembleConfig())
+    assert set(staged["reject"].to_pylist()) == {"personas_inconsistent_with_pair"}
 
 
 def test_official_reader_checks_dimensions():

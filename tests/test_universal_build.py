@@ -10,7 +10,7 @@ import pytest
 from cpu import DEMO
 from test_universal import completion, helpsteer, pku, write_jsonl, write_parquet
 
-from alignx_ray.build.assemble import AssembleConfig, cell_candidates, run_assemble
+from alignx_ray.build.assemble import JOINED_SCHEMA, AssembleConfig, cell_candidates, run_assemble
 from alignx_ray.build.pairs import run_pairs
 from alignx_ray.build.personas import PersonaConfig, consistent, run_personas
 from alignx_ray.build.public_pairs import FORUM, SOURCES, concern, is_universal, source_dimensions, sources_of
@@ -154,10 +154,13 @@ def test_sources_from_ids_and_test_split_is_forum_only():
     direction = [0.5] * 90
     direction[source_dimensions("pku_saferlhf")[0]] = 1.0
     item = {"direction": direction}
-    row = {"direction": direction, "ugc": [item] * 4, "pair_feedback": [item] * 4, "thread_id": "t"}
+    row = {"direction": direction, "ugc": [item] * 4, "pair_feedback": [item] * 4, "ugc_items": 4, "pair_items": 4}
     rows = [{**row, "pair_id": "pku_saferlhf-0123456789abcdef"}, {**row, "pair_id": "t1-r0>t1-r2"}]
-    rows = [{**r, "ugc_direction": direction, "pair_direction": direction} for r in rows]
-    assert {c[3] for c in cell_candidates(rows, AssembleConfig())} == {"t1-r0>t1-r2"}
+    rows = [
+        {**r, "ugc_direction": direction, "pair_direction": direction, "ugc_items": 4, "pair_items": 4} for r in rows
+    ]
+    candidates = cell_candidates(pa.Table.from_pylist(rows, JOINED_SCHEMA), AssembleConfig())
+    assert set(candidates["pair_id"].to_pylist()) == {"t1-r0>t1-r2"}
     assert is_universal(rows[0]["pair_id"]) and not is_universal(rows[1]["pair_id"])
 
 

@@ -28,11 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from alignx_ray.build.personas import example_consistent
-from alignx_ray.build.public_pairs import is_universal
+from alignx_ray.build.public_pairs import FORUM, sources_of
 from alignx_ray.common import schema
 from alignx_ray.common.config import Section
-from alignx_ray.common.raydata import shuffle_partitions, write_rejected
+from alignx_ray.common.raydata import shuffle_partitions, write_parquet, write_rejected
 from alignx_ray.common.schema import list_matrix
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL
@@ -57,30 +56,51 @@ class AssembleConfig(Section):
     seed: int = 0
 
 
-def persona_directions(row: dict) -> list[np.ndarray]:
-    """Voted directions of the personas this example has (UGC, PAIR, DEMO when present)."""
-    keys = ("ugc_direction", "pair_direction", "demo_direction")
-    return [np.asarray(row[k]) for k in keys if row.get(k) is not None]
+# The personas' voted directions a joined pair may carry (P_DEMO only where it was built).
+PERSONA_VOTES = ("ugc_direction", "pair_direction", "demo_direction")
 
 
-def cell_candidates(rows: list[dict], config: AssembleConfig) -> list[tuple[int, float, float, str, str]]:
-    """(dimension, direction, draw key, pair_id, thread_id) for each cell an eligible example
-    can stand in: it is a forum pair, has `test_items` items in both behavioural personas, is
-    consistent, and the pair and every persona show that direction on that dimension."""
-    out = []
-    for r in rows:
-        directions = persona_directions(r)
-        direction = np.asarray(r["direction"])
-        if is_universal(r["pair_id"]) or min(len(r["ugc"] or []), len(r["pair_feedback"] or [])) < config.test_items:
-            continue
-        if not example_consistent(direction, directions):
-            continue
-        key = seeded_rng("test", config.seed, r["pair_id"]).random()
-        agree = direction.copy()
-        for persona in directions:
-            agree[persona != agree] = NEUTRAL
-        out += [(int(d), float(agree[d]), key, r["pair_id"], r["thread_id"]) for d in np.flatnonzero(agree != NEUTRAL)]
-    return out
+def persona_agreement(batch: pa.Table) -> np.ndarray:
+    """(N, D) bool over joined pairs: where the pair's direction is not neutral and every
+    persona it has votes the same. A pair is consistent where any is True (the paper's filter),
+    and the True dimensions are the AlignX_test cells it can stand in."""
+    if batch.num_rows == 0:
+        return np.zeros((0, 0), bool)
+    direction = list_matrix(batch["direction"], np.float64)
+    agree = direction != NEUTRAL
+    for name in PERSONA_VOTES:
+        votes = batch[name].combine_chunks()
+        present = np.flatnonzero(votes.is_valid().to_numpy(zero_copy_only=False))
+        if len(present):
+            agree[present] &= list_matrix(votes.take(present), np.float64) == direction[present]
+    return agree
+
+
+def cell_candidates(batch: pa.Table, config: AssembleConfig) -> pa.Table:
+    """CANDIDATES_SCHEMA: (dimension, direction, draw key, pair_id, thread_id) for each cell an
+    eligible pair can stand in: a forum pair with `test_items` items in both behavioural
+    personas, whose pair and every persona show that direction on that dimension. Reads no
+    text; the draw key (a seeded stream per pair id) is computed for eligible pairs only."""
+    agree = persona_agreement(batch)
+    if batch.num_rows == 0:
+        return CANDIDATES_SCHEMA.empty_table()
+    forum = pc.equal(sources_of(batch["pair_id"]), FORUM).to_numpy(zero_copy_only=False)
+    items = np.minimum(batch["ugc_items"].to_numpy(), batch["pair_items"].to_numpy())
+    agree &= (forum & (items >= config.test_items))[:, None]
+    rows, dims = np.nonzero(agree)
+    eligible = np.flatnonzero(agree.any(axis=1))
+    keys = np.array([seeded_rng("test", config.seed, p).random() for p in batch["pair_id"].take(eligible).to_pylist()])
+    direction = list_matrix(batch["direction"], np.float64)
+    return pa.table(
+        {
+            "dimension": dims.astype(np.int64),
+            "direction": direction[rows, dims],
+            "key": keys[np.searchsorted(eligible, rows)],
+            "pair_id": batch["pair_id"].take(rows),
+            "thread_id": batch["thread_id"].take(rows),
+        },
+        schema=CANDIDATES_SCHEMA,
+    )
 
 
 def candidates_per_cell(config: AssembleConfig, n_dims: int) -> int:
@@ -90,12 +110,14 @@ def candidates_per_cell(config: AssembleConfig, n_dims: int) -> int:
     return config.test_per_cell * (1 + 2 * n_dims)
 
 
-def draw_test(candidates: list[tuple[int, float, float, str, str]], config: AssembleConfig, n_dims: int) -> dict:
+def draw_test(candidates: pa.Table, config: AssembleConfig, n_dims: int) -> dict[str, tuple[int, float]]:
     """pair_id -> (dimension, direction) of the AlignX_test examples (see module docstring):
     per dimension in index order, the first `test_per_cell` not yet drawn of each direction,
-    in draw order (the seeded key, then the pair id), as many of each as the fuller has."""
+    in draw order (the seeded key, then the pair id), as many of each as the fuller has.
+    `candidates` is bounded (`candidates_per_cell` per cell), so this runs in the driver."""
+    ordered = candidates.sort_by([("key", "ascending"), ("pair_id", "ascending")])
     shows: dict[tuple[int, float], list[str]] = {}
-    for d, v, _, pair_id, _ in sorted(candidates, key=lambda c: (c[2], c[3])):
+    for d, v, pair_id in zip(*(ordered[c].to_pylist() for c in ("dimension", "direction", "pair_id"))):
         shows.setdefault((d, v), []).append(pair_id)
     test: dict[str, tuple[int, float]] = {}
     for d in range(n_dims):
@@ -108,70 +130,78 @@ def draw_test(candidates: list[tuple[int, float, float, str, str]], config: Asse
     return test
 
 
-def select_test(rows: list[dict], config: AssembleConfig) -> dict[str, tuple[int, float]]:
-    """pair_id -> (dimension, direction) of the AlignX_test examples of these rows."""
-    n_dims = len(rows[0]["direction"]) if rows else 0
-    return draw_test(cell_candidates(rows, config), config, n_dims)
+def select_test(batch: pa.Table, config: AssembleConfig) -> dict[str, tuple[int, float]]:
+    """pair_id -> (dimension, direction) of the AlignX_test examples of these joined pairs."""
+    n_dims = len(batch["direction"][0]) if batch.num_rows else 0
+    return draw_test(cell_candidates(batch, config), config, n_dims)
 
 
-def to_example(row: dict, split: str, items: int | None, seed: int) -> dict:
-    """One AlignX row; with `items`, each behavioural persona keeps that many, sampled."""
-
-    def keep(persona: list, kind: str) -> list:
-        persona = persona or []  # a pair without items has no joined list
-        if items is None:
-            return persona
-        rng = seeded_rng(kind, "test", seed, row["pair_id"])
-        return [persona[i] for i in sorted(rng.permutation(len(persona))[:items])]
-
-    return {
-        schema.PROMPT: row["prompt"],
-        schema.CHOSEN: row["chosen"],
-        schema.REJECTED: row["rejected"],
-        schema.DIRECTION: row["direction"],
-        schema.DEMOGRAPHIC: row.get("demo_text"),
-        schema.UGC: [
-            {"prompt": u["prompt"], "comment": u["comment"], schema.DIRECTION: u["direction"]}
-            for u in keep(row["ugc"], "ugc")
-        ],
-        schema.PAIR: [
-            {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], schema.DIRECTION: p["direction"]}
-            for p in keep(row["pair_feedback"], "pair")
-        ],
-        "example_id": row["pair_id"],
-        "split": split,
-    }
+def official_persona(
+    lists: pa.ChunkedArray, item_type: pa.StructType, pair_ids: pa.ChunkedArray, items: int | None, seed: int
+) -> pa.ListArray:
+    """A joined persona column in the official item type (a missing persona is an empty list);
+    with `items`, each keeps that many, sampled by a stream seeded by its pair id and kind."""
+    lists = lists.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(lists)
+    if items is not None:  # test examples only: a bounded number of rows
+        kind = "ugc" if item_type == schema.UGC_ITEM else "pair"
+        starts = np.cumsum(lengths) - lengths
+        picks = [
+            start + np.sort(seeded_rng(kind, "test", seed, pair_id).permutation(n)[:items])
+            for start, n, pair_id in zip(starts, lengths, pair_ids.to_pylist())
+        ]
+        lengths = np.array([len(p) for p in picks], np.int64)
+        flat = flat.take(pa.array(np.concatenate([np.zeros(0, np.int64), *picks])))
+    fields = [flat.field(f.name if f.name != schema.DIRECTION else "direction") for f in item_type]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(fields, fields=list(item_type)))
 
 
-def assemble_rows(
-    rows: list[dict], test: dict[str, tuple[int, float]], test_threads: set[str], config: AssembleConfig
-) -> tuple[pa.Table, list[dict]]:
-    """Joined pair rows -> (AlignX examples, rejected rows with reasons)."""
-    examples, rejected = [], []
-    for r in rows:
-        if r["pair_id"] in test:
-            examples.append(to_example(r, "test", config.test_items, config.seed))
-        elif r["thread_id"] in test_threads:
-            rejected.append(
-                {
-                    "stage": "assemble",
-                    "reason": "thread_held_out_for_test",
-                    "detail": r["pair_id"],
-                    "thread_id": r["thread_id"],
-                }
-            )
-        elif not example_consistent(np.asarray(r["direction"]), persona_directions(r)):
-            rejected.append(
-                {
-                    "stage": "assemble",
-                    "reason": "personas_inconsistent_with_pair",
-                    "detail": r["pair_id"],
-                    "thread_id": r["thread_id"],
-                }
-            )
-        else:
-            examples.append(to_example(r, "train", None, config.seed))
-    return pa.Table.from_pylist(examples, schema.ALIGNX_SCHEMA), rejected
+def official_examples(joined: pa.Table, split: str, items: int | None, seed: int) -> pa.Table:
+    """Joined pairs -> AlignX rows (ALIGNX_SCHEMA) of `split`, column by column."""
+    n = joined.num_rows
+    return pa.table(
+        {
+            schema.PROMPT: joined["prompt"],
+            schema.CHOSEN: joined["chosen"],
+            schema.REJECTED: joined["rejected"],
+            schema.DIRECTION: joined["direction"],
+            schema.DEMOGRAPHIC: joined["demo_text"],
+            schema.UGC: official_persona(joined["ugc"], schema.UGC_ITEM, joined["pair_id"], items, seed),
+            schema.PAIR: official_persona(joined["pair_feedback"], schema.PAIR_ITEM, joined["pair_id"], items, seed),
+            "example_id": joined["pair_id"],
+            "split": pa.array([split] * n, pa.string()),
+        },
+        schema=schema.ALIGNX_SCHEMA,
+    )
+
+
+def assemble_examples(
+    batch: pa.Table, test: dict[str, tuple[int, float]], test_threads: set[str], config: AssembleConfig
+) -> pa.Table:
+    """Joined pairs -> STAGING_SCHEMA: the test examples (personas cut to `test_items`), the
+    train examples, then the rejected pairs with their reason (`reject`): a pair of a thread
+    held out for AlignX_test, or one whose personas are inconsistent with it."""
+    in_test = pc.is_in(batch["pair_id"], pa.array(list(test), pa.string())).to_numpy(zero_copy_only=False)
+    held = pc.is_in(batch["thread_id"], pa.array(list(test_threads), pa.string())).to_numpy(zero_copy_only=False)
+    held &= ~in_test
+    inconsistent = ~persona_agreement(batch).any(axis=1) & ~in_test & ~held
+    train = ~(in_test | held | inconsistent)
+    rejected = batch.filter(pa.array(held | inconsistent)).select(["pair_id", "thread_id"])
+    reasons = np.where(held, "thread_held_out_for_test", "personas_inconsistent_with_pair")[held | inconsistent]
+    parts = [
+        official_examples(batch.filter(pa.array(in_test)), "test", config.test_items, config.seed),
+        official_examples(batch.filter(pa.array(train)), "train", None, config.seed),
+        pa.table(
+            {
+                "example_id": rejected["pair_id"],
+                "thread_id": rejected["thread_id"],
+                "reject": pa.array(reasons, pa.string()),
+            }
+        ),
+    ]
+    return pa.concat_tables([conform(part, STAGING_SCHEMA) for part in parts])
 
 
 CANDIDATES_SCHEMA = pa.schema(
@@ -246,9 +276,13 @@ JOINED_SCHEMA = pa.schema(
         ("pair_direction", schema.DIRECTION_TYPE),
         ("demo_text", pa.string()),
         ("demo_direction", schema.DIRECTION_TYPE),
+        ("ugc_items", pa.int32()),  # the personas' sizes, so the test draw reads no list column
+        ("pair_items", pa.int32()),
     ]
 )
 PERSONA_KINDS = {"ugc": UGC, "pair_feedback": PAIR_ITEM}
+# What the test draw reads of a joined pair: no text.
+DRAW_COLUMNS = ["pair_id", "thread_id", "direction", *PERSONA_VOTES, "ugc_items", "pair_items"]
 
 
 def conform(table: pa.Table, target: pa.Schema, **constants) -> pa.Table:
@@ -335,6 +369,8 @@ def joined_row(pieces: pa.Table) -> pa.Table:
             "pair_direction": value("pair_direction", VOTES),
             "demo_text": value("demo_text", DEMO),
             "demo_direction": value("demo_direction", DEMO),
+            "ugc_items": pa.array([len(lists["ugc"].values)], pa.int32()),
+            "pair_items": pa.array([len(lists["pair_feedback"].values)], pa.int32()),
         },
         schema=JOINED_SCHEMA,
     )
@@ -419,26 +455,24 @@ def run_assemble(
     staging = out_dir / "_staging"
     for folder in (staging, out_dir / "train", out_dir / "test"):  # no partial output of a killed run
         shutil.rmtree(folder, ignore_errors=True)
-    joined(pairs_dir, personas_dir, demographics_dir, annotate_dir, universal_dir).write_parquet(
-        str((staging / "joined").resolve())
-    )
+    write_parquet(joined(pairs_dir, personas_dir, demographics_dir, annotate_dir, universal_dir), staging / "joined")
     rows = ray.data.read_parquet(str((staging / "joined").resolve()))
     n_dims = _direction_length(pairs_dir)
-    candidates = rows.map_batches(_candidate_rows, fn_args=(config,), batch_format="pyarrow")
+    candidates = rows.select_columns(DRAW_COLUMNS).map_batches(
+        cell_candidates, fn_args=(config,), batch_format="pyarrow"
+    )
     kept = candidates.groupby(["dimension", "direction"], num_partitions=shuffle_partitions()).map_groups(
         _first_in_draw_order, fn_args=(candidates_per_cell(config, n_dims),), batch_format="pyarrow"
     )
     cells = _collect(kept, CANDIDATES_SCHEMA)
-    test = draw_test(list(zip(*(cells[c].to_pylist() for c in CANDIDATES_SCHEMA.names))), config, n_dims)
+    test = draw_test(cells, config, n_dims)
     drawn = pc.is_in(cells["pair_id"], pa.array(list(test), pa.string()))
     test_threads = set(pc.filter(cells["thread_id"], drawn).to_pylist())
-    examples = rows.map_batches(_example_rows, fn_args=(test, test_threads, config), batch_format="pyarrow")
-    examples.write_parquet(str((staging / "examples").resolve()))
+    examples = rows.map_batches(assemble_examples, fn_args=(test, test_threads, config), batch_format="pyarrow")
+    write_parquet(examples, staging / "examples")
     assembled = ray.data.read_parquet(str((staging / "examples").resolve()))
     for split in ("train", "test"):
-        assembled.map_batches(_of_split, fn_args=(split,), batch_format="pyarrow").write_parquet(
-            str((out_dir / split).resolve())
-        )
+        write_parquet(assembled.map_batches(_of_split, fn_args=(split,), batch_format="pyarrow"), out_dir / split)
         if not any((out_dir / split).glob("*.parquet")):  # an empty split is still a table
             (out_dir / split).mkdir(parents=True, exist_ok=True)
             pq.write_table(schema.ALIGNX_SCHEMA.empty_table(), out_dir / split / "part-0.parquet")
@@ -496,26 +530,8 @@ def _collect(ds, table_schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([t.cast(table_schema) for t in tables]) if tables else table_schema.empty_table()
 
 
-def _candidate_rows(batch: pa.Table, config: AssembleConfig) -> pa.Table:
-    candidates = cell_candidates(batch.to_pylist(), config)
-    return pa.table([list(column) for column in zip(*candidates)] or [[]] * 5, schema=CANDIDATES_SCHEMA)
-
-
 def _first_in_draw_order(cell: pa.Table, keep: int) -> pa.Table:
     return cell.sort_by([("key", "ascending"), ("pair_id", "ascending")]).slice(0, keep)
-
-
-def _example_rows(batch: pa.Table, test: dict, test_threads: set[str], config: AssembleConfig) -> pa.Table:
-    """A batch of joined pairs as STAGING_SCHEMA rows: its examples, then its rejected pairs."""
-    examples, rejected = assemble_rows(batch.to_pylist(), test, test_threads, config)
-    marked = [{"example_id": r["detail"], "reject": r["reason"], "thread_id": r["thread_id"]} for r in rejected]
-    nulls = {name: pa.nulls(examples.num_rows, STAGING_SCHEMA.field(name).type) for name in ("reject", "thread_id")}
-    return pa.concat_tables(
-        [
-            pa.table({**dict(zip(examples.column_names, examples.columns)), **nulls}, schema=STAGING_SCHEMA),
-            pa.Table.from_pylist(marked, STAGING_SCHEMA),
-        ]
-    )
 
 
 def _of_split(batch: pa.Table, split: str) -> pa.Table:

@@ -38,7 +38,7 @@ from ray.data.datasource import FilenameProvider
 from transformers import AutoTokenizer
 
 from alignx_ray.common.config import PoolConfig, Section
-from alignx_ray.common.raydata import as_rejected, fit_local, shuffle_partitions
+from alignx_ray.common.raydata import as_rejected, fit_local, shuffle_partitions, write_parquet
 from alignx_ray.common.schema import REJECTED_SCHEMA, RESPONSES_SCHEMA
 
 
@@ -490,7 +490,7 @@ def run_ingest(config: IngestConfig, input_uri: str, out_dir, tokenizer: str) ->
         deduped = validated.groupby("group", num_partitions=partitions).map_groups(
             first_responses, batch_format="pyarrow"
         )
-        deduped.write_parquet(str(staging))
+        write_parquet(deduped, staging)
     staged_rows = ray.data.read_parquet(str(staging))
     kept = staged_rows.map_batches(responses_of, fn_args=(config.source,), batch_format="pyarrow")
     kept.write_parquet(

@@ -21,7 +21,7 @@ import ray.data
 from ray.data.aggregate import Count, Sum
 
 from alignx_ray.common.config import Section
-from alignx_ray.common.raydata import shuffle_partitions, write_rejected
+from alignx_ray.common.raydata import shuffle_partitions, write_parquet, write_rejected
 from alignx_ray.common.schema import LABELLED_COLUMNS, PAIRS_SCHEMA, list_matrix, only_labelled
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import compare_levels, intensity_embedding
@@ -169,11 +169,11 @@ def run_pairs(config: PairsConfig, annotate_dir: Path, out_dir: Path) -> dict:
     drawn = labelled.groupby("thread_id", num_partitions=shuffle_partitions(annotate_dir / "data")).map_groups(
         pairs_of_thread, fn_args=(config,), batch_format="pyarrow"
     )
-    drawn.write_parquet(str(staging.resolve()))
+    write_parquet(drawn, staging)
     if not any(staging.glob("*.parquet")):
         raise ValueError(f"no labelled responses in {annotate_dir / 'data'}")
     staged = ray.data.read_parquet(str(staging.resolve()))
-    staged.map_batches(_good_pairs, batch_format="pyarrow").write_parquet(str(data.resolve()))
+    write_parquet(staged.map_batches(_good_pairs, batch_format="pyarrow"), data)
     counts = staged.select_columns(["thread_responses", "reject"]).aggregate(
         Count(alias_name="rows"),
         Count("thread_responses", ignore_nulls=True, alias_name="threads"),

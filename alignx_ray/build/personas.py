@@ -79,15 +79,6 @@ def vote(items: np.ndarray) -> np.ndarray:
     return np.where(pos > neg, 1.0, np.where(neg > pos, 0.0, NEUTRAL))
 
 
-def example_consistent(direction: np.ndarray, personas: list[np.ndarray]) -> bool:
-    """Keep an example only if some dimension is non-neutral in P and every present persona's
-    voted direction equals P there (one common dimension for all of them)."""
-    agree = direction != NEUTRAL
-    for persona in personas:
-        agree &= persona == direction
-    return bool(agree.any())
-
-
 @dataclass(frozen=True)
 class Pool:
     """What personas are drawn from, in compact codes: responses (for UGC) or pairs (for PAIR),
