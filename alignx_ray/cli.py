@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from alignx_ray.common.config import load_config
+from alignx_ray.common.lease import LeaseHeld
 from alignx_ray.common.space import describe_direction, parse_profile
 
 DEMO_CONFIG = "configs/demo.yaml"
@@ -32,7 +33,8 @@ def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None
 
 def _run(args, run_dir: str | None):
     """The configured Run of a command in `run_dir` (None: the config's run_dir); `--input`,
-    where the command has it, replaces the config's `ingest.input`."""
+    where the command has it, replaces the config's `ingest.input`. A command uses it in a
+    `with` block, which holds the run directory's lease."""
     # lazy: the stages import torch, transformers and Ray, which `alignx --help` does not need
     from alignx_ray.run import Run, RunConfig
 
@@ -86,20 +88,20 @@ def cmd_demo(args) -> None:
 
 
 def cmd_annotate(args) -> None:
-    run = _run(args, args.run_dir)
-    _print_figures(run.annotate())
+    with _run(args, args.run_dir) as run:
+        _print_figures(run.annotate())
     print(f"\nannotations: {run.dir('annotate') / 'data'}  report: {run.report.json_path}")
 
 
 def cmd_build(args) -> None:
-    run = _run(args, args.run_dir)
-    _print_figures(run.dataset())
+    with _run(args, args.run_dir) as run:
+        _print_figures(run.dataset())
     print(f"\ndataset: {run.dir('dataset')}/{{train,test}}  report: {run.report.json_path}")
 
 
 def cmd_train(args) -> None:
-    run = _run(args, args.run_dir)
-    figures = run.train(args.method)
+    with _run(args, args.run_dir) as run:
+        figures = run.train(args.method)
     _print_figures(figures)
     print(f"\nmodel: {figures['model']}  report: {run.report.json_path}")
 
@@ -120,17 +122,18 @@ def cmd_evaluate(args) -> None:
         updates["reversal"] = False
     cfg = run.config.evaluate.model_copy(update={k: v for k, v in updates.items() if v})
     init_ray(run.config.ray)
-    figures = run_evaluation(
-        cfg,
-        args.benchmark,
-        args.method,
-        args.policy,
-        args.reference or args.policy,
-        Path(args.out),
-        run.config.prompts,
-        run.annotation_model,
-        run.config.space.build(),
-    )
+    with run:
+        figures = run_evaluation(
+            cfg,
+            args.benchmark,
+            args.method,
+            args.policy,
+            args.reference or args.policy,
+            Path(args.out),
+            run.config.prompts,
+            run.annotation_model,
+            run.config.space.build(),
+        )
     print(figures.pop("markdown"))
     print(f"\nmetrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.parquet'}")
 
@@ -253,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except LeaseHeld as e:
+        sys.exit(f"alignx {args.command}: {e}")
 
 
 if __name__ == "__main__":

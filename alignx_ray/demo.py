@@ -109,23 +109,23 @@ def evaluate_all(run: Run) -> None:
 
 def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
     started = time.time()
-    run = Run(config, run_dir, RunReport(run_dir, "alignx-ray demo"))
-    annotator = json.loads((Path(run.annotation_model()) / "annotator_report.json").read_text())
-    run.report.add(
-        "annotator",
-        {
-            "path": run.annotation_model(),
-            "label_accuracy_unseen_threads": annotator["accuracy"],
-            "planted_label_accuracy_unseen_threads": annotator["planted_accuracy"],
-            "build_seconds": annotator["seconds"],
-        },
-    )
-    run.annotate()
-    run.report.add("annotate_vs_planted", annotation_vs_truth(run))
-    run.dataset()
-    run.report.add("dataset_vs_planted", dataset_vs_truth(run))
-    for method in ("ica", "pba"):
-        run.train(method)
-    evaluate_all(run)
-    run.report.add("run", {"seconds": round(time.time() - started, 1), **run.statuses()})
+    with Run(config, run_dir, RunReport(run_dir, "alignx-ray demo")) as run:
+        annotator = json.loads((Path(run.annotation_model()) / "annotator_report.json").read_text())
+        run.report.add(
+            "annotator",
+            {
+                "path": run.annotation_model(),
+                "label_accuracy_unseen_threads": annotator["accuracy"],
+                "planted_label_accuracy_unseen_threads": annotator["planted_accuracy"],
+                "build_seconds": annotator["seconds"],
+            },
+        )
+        run.annotate()
+        run.report.add("annotate_vs_planted", annotation_vs_truth(run))
+        run.dataset()
+        run.report.add("dataset_vs_planted", dataset_vs_truth(run))
+        for method in ("ica", "pba"):
+            run.train(method)
+        evaluate_all(run)
+        run.report.add("run", {"seconds": round(time.time() - started, 1), **run.statuses()})
     return run.report

@@ -31,6 +31,7 @@ from alignx_ray.build.personas import PersonaConfig, run_personas
 from alignx_ray.build.stats import split_sources, table1_markdown, write_split_statistics
 from alignx_ray.build.universal import UniversalConfig, run_universal
 from alignx_ray.common.config import RayConfig, Section, SpaceConfig
+from alignx_ray.common.lease import LeaseConfig, RunLease
 from alignx_ray.common.prompts import PromptTemplates
 from alignx_ray.common.raydata import claim_workdir, init_ray
 from alignx_ray.common.seeding import fingerprint
@@ -72,9 +73,11 @@ class RunConfig(Section):
     train: DPO settings shared by both methods (`alignx train --method` picks one).
     evaluate: how trained models are evaluated (`alignx evaluate`, and the demo).
     judge: the judge win rate and binary-choice accuracy (`alignx judge`, and the demo).
+    lease: how a job holds the run directory, so that a second job on it refuses to start.
     """
 
     run_dir: str = "runs/alignx"
+    lease: LeaseConfig = LeaseConfig()
     ray: RayConfig = RayConfig()
     prompts: PromptTemplates = PromptTemplates()
     space: SpaceConfig = SpaceConfig()
@@ -144,7 +147,8 @@ def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: 
 
 
 class Run:
-    """One run directory and its config; each method is one stage."""
+    """One run directory and its config; each method is one stage. A job uses it in a `with`
+    block, which holds the run directory's lease (see `common.lease`)."""
 
     def __init__(self, config: RunConfig, run_dir: Path, report: RunReport | None = None):
         self.config = config
@@ -152,10 +156,22 @@ class Run:
         self.report = report or RunReport(self.run_dir)
         self._model_path: str | None = None
         self._finished: dict[str, dict] = {}
+        self._lease: RunLease | None = None
+
+    def __enter__(self) -> Run:
+        self._lease = RunLease(self.run_dir, self.config.lease).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lease.__exit__(*exc)
+        self._lease = None
 
     def stage(self, name: str, key: str, compute: Callable[[], dict]) -> dict:
-        """Run one stage at most once per Run (later stages ask for their inputs again)."""
+        """Run one stage at most once per Run (later stages ask for their inputs again); none
+        once another job has taken the lease over."""
         if name not in self._finished:
+            if self._lease:
+                self._lease.check()
             self._finished[name] = run_stage(self.report, name, self.dir(name), key, compute)
         return self._finished[name]
 

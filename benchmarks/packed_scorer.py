@@ -185,7 +185,10 @@ def main() -> None:
             figures[f"{key}_model_flop_utilisation"] = 2 * non_embedding * computed / t / (args.peak_tflops * 1e12)
         choices = np.stack(out[: args.naive_responses]).argmax(-1) == np.stack(naive).argmax(-1)
         figures[f"{key}_argmax_agreement"] = float(choices.mean())
-        figures[f"{key}_max_prob_difference"] = float(max(np.abs(a - b).max() for a, b in zip(out, naive)))
+        # engines give log-probs renormalised over the options: exp gives the probabilities
+        figures[f"{key}_max_prob_difference"] = float(
+            max(np.abs(np.exp(a) - np.exp(b)).max() for a, b in zip(out, naive))
+        )
         del engine
     if args.vllm:
         del naive_engine, model

@@ -30,8 +30,9 @@ class AnnotateConfig(Section):
     engine: which scorer and how it is set up (see `EngineConfig`).
     pool: the engine actors; a batch is `pool.batch_size` responses, whose questions always
         stay together (production: 64 x 90 prompts per call keeps a GPU engine's batch full).
-    max_prompt_tokens: longest prompt the engine takes (None: the engine's own limit); a
-        longer response is rejected alone, with its reason.
+    max_prompt_tokens: longest prompt sent to the engine, capped by the engine's own limit
+        (vLLM: max_model_len - 1; None: that limit alone); a response with a longer prompt is
+        rejected alone, with its reason, and its batch is labelled.
     """
 
     engine: EngineConfig = EngineConfig()

@@ -335,14 +335,19 @@ def input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 def file_records(name: str, stream) -> Iterator[Located]:
     """The records of one file (`stream`: a seekable binary file), read lazily.
 
-    Parquet rows are numbered from 0, JSON Lines lines from 1 (blank lines skipped).
+    Parquet rows are numbered from 0, JSON Lines lines from 1 (blank lines skipped). A JSON
+    line cut mid-write is a rejected record; a parquet file that cannot be read (cut short,
+    its footer lost) is a ValueError naming it, since how many rows it held is unknown.
     """
     if name.endswith(".parquet"):
         i = 0
-        for batch in pq.ParquetFile(stream).iter_batches():
-            for rec in batch.to_pylist():
-                yield Located(rec, f"{name}:{i}", file=name, row=i)
-                i += 1
+        try:
+            for batch in pq.ParquetFile(stream).iter_batches():
+                for rec in batch.to_pylist():
+                    yield Located(rec, f"{name}:{i}", file=name, row=i)
+                    i += 1
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{name}: unreadable parquet file after {i} rows (cut short or corrupt): {e}") from e
         return
     i = 0
     for physical in io.BufferedReader(stream):

@@ -2,8 +2,9 @@
 
 `QuestionBank` holds the token ids of the prompt segments (few-shot head, post, comment, one
 branch per question), computed once per tokenizer and space; `label_batch` turns a batch of
-responses into levels and option probabilities. The annotate stage, P~ inference in the
-evaluation and the tiny annotator's training all label through it.
+responses into levels and option probabilities, or a reject reason per response (its prompts
+too long, its option log-probs unusable). The annotate stage, P~ inference in the evaluation
+and the tiny annotator's training all label through it.
 """
 
 from __future__ import annotations
@@ -44,13 +45,37 @@ def levels_from_probs(probs: np.ndarray) -> np.ndarray:
     return OPTION_INDEX_TO_LEVEL[np.asarray(probs).argmax(-1)]
 
 
+def option_probs_or_reason(logprobs: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """(questions, 3) option log-probs from an engine -> (probabilities renormalised over the
+    options, None), or (None, reject reason) when one is NaN (engines write NaN for one they
+    did not return) or infinite: an argmax over those would be a label from nothing."""
+    logprobs = np.asarray(logprobs, np.float64)
+    for bad, reason in (
+        (np.isnan(logprobs), "nan_or_missing_option_logprob"),
+        (np.isinf(logprobs), "infinite_option_logprob"),
+    ):
+        if bad.any():
+            dimension, option = np.argwhere(bad)[0]
+            where = f"first at dimension {dimension}, option {option + 1}"
+            return None, f"{reason}: {bad.sum()} of {bad.size} option log-probs ({where})"
+    weights = np.exp(logprobs - logprobs.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True), None
+
+
+def prompt_limit(configured: int | None, engine) -> int | None:
+    """The longest prompt a batch may send: the configured budget, capped by what the engine
+    accepts (vLLM fails a whole batch for one prompt over its max_model_len)."""
+    limits = [n for n in (configured, engine.max_prompt_tokens) if n is not None]
+    return min(limits, default=None)
+
+
 def label_batch(engine, bank: QuestionBank, posts, responses, max_prompt_tokens: int | None = None) -> dict:
-    """Label a batch of responses; over-long prompts are marked with a reject reason."""
+    """Label a batch of responses. A response whose prompts are too long, or whose option
+    log-probs are unusable, gets no levels and a reject reason; the others are labelled."""
     requests = [bank.request(p, r) for p, r in zip(posts, responses)]
+    limit = prompt_limit(max_prompt_tokens, engine)
     longest_question = max(map(len, bank.questions))
-    too_long = [
-        max_prompt_tokens is not None and len(q.prefix) + longest_question > max_prompt_tokens for q in requests
-    ]
+    too_long = [limit is not None and len(q.prefix) + longest_question > limit for q in requests]
     scored = iter(engine.score([q for q, bad in zip(requests, too_long) if not bad]))
     # vLLM says how many prompt tokens its prefix cache served; other engines share by design.
     cached_tokens = iter(getattr(engine, "cached_tokens", None) or [])
@@ -58,17 +83,15 @@ def label_batch(engine, bank: QuestionBank, posts, responses, max_prompt_tokens:
     levels, probs, reasons, cached = [], [], [], []
     for q, bad in zip(requests, too_long):
         if bad:
-            levels.append(np.zeros(0, np.uint8))
-            probs.append(np.zeros((0, 3), np.float32))
-            reasons.append(f"prompt_too_long: {len(q.prefix)} prefix tokens + questions > {max_prompt_tokens}")
-            cached.append(None)
+            p, reason, n_cached = None, f"prompt_too_long: {len(q.prefix)} prefix tokens + questions > {limit}", None
         else:
-            p = next(scored)
-            assert p.shape == (n_dims, 3)
-            levels.append(levels_from_probs(p))
-            probs.append(p.astype(np.float32))
-            reasons.append(None)
-            cached.append(next(cached_tokens, None))
+            logprobs = next(scored)
+            assert logprobs.shape == (n_dims, 3)
+            (p, reason), n_cached = option_probs_or_reason(logprobs), next(cached_tokens, None)
+        levels.append(np.zeros(0, np.uint8) if p is None else levels_from_probs(p))
+        probs.append(np.zeros((0, 3), np.float32) if p is None else p.astype(np.float32))
+        reasons.append(reason)
+        cached.append(n_cached)
     return {
         "levels": levels,
         "option_probs": probs,

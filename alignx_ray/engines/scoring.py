@@ -1,4 +1,4 @@
-"""Scoring engines: (shared prefix, question branches) -> probabilities of the three options.
+"""Scoring engines: (shared prefix, question branches) -> log-probabilities of the three options.
 
 All engines take token ids, never text, so every engine scores exactly the same tokens:
 - `TransformersTreeEngine`: packed prefix forests: many responses per forward pass, every
@@ -9,7 +9,10 @@ All engines take token ids, never text, so every engine scores exactly the same 
   cost the tree is measured against.
 - `VllmEngine`: vLLM's offline engine with automatic prefix caching: each prefix is warmed by
   itself first, then all its branches are submitted together with `max_tokens=1` and the
-  options' log-probabilities read back (restricted to the three tokens and renormalised).
+  options' log-probabilities read back (restricted to the three tokens).
+
+Engines return log-probabilities, never probabilities: `engines.labelling` renormalises them
+and rejects a response whose values are NaN, infinite or missing, rather than label it.
 """
 
 from __future__ import annotations
@@ -47,9 +50,11 @@ class ScoreRequest:
 
 class ScoringEngine(Protocol):
     name: str
+    max_prompt_tokens: int | None  # the longest prompt it accepts (None: no limit of its own)
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        """One (n_branches, 3) float32 array of option probabilities per request."""
+        """One (n_branches, 3) array of the options' log-probabilities per request (any
+        constant per row aside), NaN for one the engine did not return."""
 
 
 class EngineConfig(Section):
@@ -98,8 +103,8 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _option_probs(logits: torch.Tensor, option_ids: list[int]) -> np.ndarray:
-    return torch.softmax(logits[:, option_ids].float(), -1).cpu().numpy()
+def _option_logprobs(logits: torch.Tensor, option_ids: list[int]) -> np.ndarray:
+    return torch.log_softmax(logits[:, option_ids].float(), -1).cpu().numpy()
 
 
 @functools.cache
@@ -132,6 +137,8 @@ def load_causal_lm(model_path: str, config: EngineConfig):
 class _TransformersEngine:
     """Holds a causal LM (loaded by `load_causal_lm`, or built in memory by a benchmark)."""
 
+    max_prompt_tokens = None
+
     def __init__(self, model, option_ids: list[int], pad_id: int, config: EngineConfig, attention: str = "sdpa"):
         self.model = model.eval()
         self.attention = attention
@@ -161,8 +168,8 @@ class TransformersTreeEngine(_TransformersEngine):
         for pack in plan_packs(rest, self.config.pack_tokens):
             forest = pack_forest([rest[i] for i in pack], position_offset=h)
             self.tokens_computed += len(forest)
-            probs = _option_probs(self._branch_logits(forest, h), self.option_ids)
-            for i, part in zip(pack, np.split(probs, np.cumsum(forest.counts)[:-1])):
+            logprobs = _option_logprobs(self._branch_logits(forest, h), self.option_ids)
+            for i, part in zip(pack, np.split(logprobs, np.cumsum(forest.counts)[:-1])):
                 out[i] = part
         return out
 
@@ -243,7 +250,7 @@ class TransformersPlainEngine(_TransformersEngine):
             prompts = [r.prefix + b for b in r.branches]
             per_pass = max(1, self.config.pack_tokens // max(map(len, prompts)))
             logits = [self._last_logits(prompts[i : i + per_pass]) for i in range(0, len(prompts), per_pass)]
-            out.append(_option_probs(torch.cat(logits), self.option_ids))
+            out.append(_option_logprobs(torch.cat(logits), self.option_ids))
         return out
 
     def _last_logits(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -288,6 +295,7 @@ class VllmEngine:
         )
         self.prefix_caching = prefix_caching
         self.option_ids = option_ids
+        self.max_prompt_tokens = self.llm.model_config.max_model_len - 1  # its one answer token must fit too
         self.warm = SamplingParams(max_tokens=1, temperature=0.0)
         self.params = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=len(option_ids), allowed_token_ids=option_ids
@@ -306,10 +314,11 @@ class VllmEngine:
             rows, cached = [], []
             for _ in r.branches:
                 output = next(outputs)
-                logprobs = output.outputs[0].logprobs[0]
-                rows.append([logprobs[t].logprob if t in logprobs else -np.inf for t in self.option_ids])
+                steps = output.outputs[0].logprobs
+                logprobs = steps[0] if steps else {}
+                rows.append([logprobs[t].logprob if t in logprobs else np.nan for t in self.option_ids])
                 cached.append(output.num_cached_tokens)
-            result.append(torch.softmax(torch.tensor(rows, dtype=torch.float64), -1).float().numpy())
+            result.append(np.array(rows, np.float64))
             self.cached_tokens.append(None if None in cached else sum(cached))
         return result
 
