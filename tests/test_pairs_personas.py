@@ -15,7 +15,8 @@ from alignx_ray.build.assemble import (
     AssembleConfig,
     assemble_examples,
     conform,
-    joined_row,
+    id_buckets,
+    joined_rows,
     persona_agreement,
     persona_items,
     select_test,
@@ -273,17 +274,34 @@ def test_pieces_of_a_pair_gather_into_its_joined_row(corpus):
         ]
     )
     pieces = pieces.take(np.random.default_rng(0).permutation(pieces.num_rows))  # a shuffle keeps no order
+    # A pair whose personas are missing gives no row, as the inner join it replaces.
+    alone = expected.popitem()[0]
+    pieces = pieces.filter(pc.invert(pc.and_(pc.equal(pieces["pair_id"], alone), pc.equal(pieces["kind"], VOTES))))
+    got = {r["pair_id"]: r for r in joined_rows(pieces).to_pylist()}
+    assert set(got) == set(expected)
     for pair_id, want in expected.items():
-        (got,) = joined_row(pieces.filter(pc.equal(pieces["pair_id"], pair_id))).to_pylist()
-        assert got["ugc"] == want["ugc"] and got["direction"] == want["direction"]
-        assert got["pair_feedback"] == [
+        row = got[pair_id]
+        assert row["ugc"] == want["ugc"] and row["direction"] == want["direction"]
+        assert row["pair_feedback"] == [
             {k: f[k] for k in ("pair_id", "prompt", "chosen", "rejected", "direction")} for f in want["pair_feedback"]
         ]
-        assert (got["ugc_direction"], got["pair_direction"]) == (want["ugc_direction"], want["pair_direction"])
-        assert (got["prompt"], got["chosen"], got["thread_id"]) == (want["prompt"], want["chosen"], want["thread_id"])
-    # A pair whose personas are missing gives no row, as the inner join it replaces.
-    alone = pieces.filter(pc.and_(pc.equal(pieces["pair_id"], pair_id), pc.not_equal(pieces["kind"], VOTES)))
-    assert joined_row(alone).num_rows == 0
+        assert (row["ugc_items"], row["pair_items"]) == (len(want["ugc"]), len(want["pair_feedback"]))
+        assert (row["ugc_direction"], row["pair_direction"]) == (want["ugc_direction"], want["pair_direction"])
+        assert (row["prompt"], row["chosen"], row["thread_id"]) == (want["prompt"], want["chosen"], want["thread_id"])
+        assert row["demo_text"] is None
+    # Gathered a bucket at a time, the rows are the same.
+    buckets = id_buckets(pieces["pair_id"], 3)
+    parts = [joined_rows(pieces.filter(pa.array(buckets == b))) for b in range(3)]
+    assert pa.concat_tables(parts).sort_by("pair_id").equals(joined_rows(pieces))
+
+
+def test_id_buckets_are_stable_and_spread():
+    ids = pa.array([f"t{i}-r0>t{i}-r1" for i in range(4000)])
+    buckets = id_buckets(ids, 8)
+    assert buckets.tolist() == id_buckets(ids.slice(0), 8).tolist()
+    assert id_buckets(ids.slice(100, 5), 8).tolist() == buckets[100:105].tolist()  # a slice of a buffer
+    assert np.bincount(buckets, minlength=8).min() > 4000 / 8 * 0.8
+    assert id_buckets(pa.array([], pa.string()), 8).size == 0
 
 
 def test_assemble_splits_are_balanced_disjoint_and_official(corpus):

@@ -281,6 +281,7 @@ JOINED_SCHEMA = pa.schema(
     ]
 )
 PERSONA_KINDS = {"ugc": UGC, "pair_feedback": PAIR_ITEM}
+PAIRS_PER_BUCKET = 1024  # pairs gathered per call of the co-group's UDF
 # What the test draw reads of a joined pair: no text.
 DRAW_COLUMNS = ["pair_id", "thread_id", "direction", *PERSONA_VOTES, "ugc_items", "pair_items"]
 
@@ -307,12 +308,30 @@ def pack_directions(directions: pa.Array) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(codes.tobytes())])
 
 
-def unpack_directions(codes: pa.Array) -> pa.Array:
-    """The inverse of `pack_directions`."""
-    if len(codes) == 0:
-        return pa.array([], schema.DIRECTION_TYPE)
-    values = np.frombuffer(b"".join(codes.to_pylist()), np.uint8) / 2
-    return pa.FixedSizeListArray.from_arrays(values, len(codes[0].as_py())).cast(schema.DIRECTION_TYPE)
+def unpack_directions(codes: pa.Array, n_dims: int) -> pa.Array:
+    """The inverse of `pack_directions`, read from the codes' buffer at once."""
+    codes = codes.cast(pa.binary())
+    offsets = np.frombuffer(codes.buffers()[1], np.int32)[codes.offset : codes.offset + len(codes) + 1]
+    data = np.frombuffer(codes.buffers()[2], np.uint8) if len(codes) else np.zeros(0, np.uint8)
+    values = data[offsets[0] : offsets[-1]] / 2
+    return pa.FixedSizeListArray.from_arrays(values, n_dims).cast(schema.DIRECTION_TYPE)
+
+
+def id_buckets(ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """A bucket in [0, buckets) per id, the same in every process (Python's string hash is
+    salted per process): a tabulation hash of the id's bytes, over the string buffer at once."""
+    ids = (ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids).cast(pa.string())
+    offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset : ids.offset + len(ids) + 1].astype(np.int64)
+    lengths = np.diff(offsets)
+    if not len(ids):
+        return np.zeros(0, np.int32)
+    if not lengths.all():
+        raise ValueError("ids must be non-empty strings")
+    data = np.frombuffer(ids.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    position = np.arange(len(data)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    table = np.random.default_rng(0).integers(0, 2**63, size=(int(lengths.max()), 256), dtype=np.uint64)
+    mixed = np.add.reduceat(table[position, data], offsets[:-1] - offsets[0])
+    return (mixed % np.uint64(buckets)).astype(np.int32)
 
 
 def flat_items(personas: pa.Table, column: str) -> pa.Table:
@@ -338,42 +357,59 @@ def persona_items(personas: pa.Table) -> pa.Table:
     return pa.concat_tables([flat_items(personas, column) for column in PERSONA_KINDS])
 
 
-def joined_row(pieces: pa.Table) -> pa.Table:
-    """One pair's pieces -> its JOINED_SCHEMA row, items in persona order (no row for a pair
-    without personas, as an inner join would give)."""
-    pieces = pieces.sort_by([("kind", "ascending"), ("position", "ascending")])
+def joined_rows(pieces: pa.Table) -> pa.Table:
+    """The pieces of some pairs (all pieces of each) -> one JOINED_SCHEMA row per pair that has
+    both its pair row and its personas (as an inner join would give), items in persona order.
+    Column by column: the pieces are sorted by pair, kind and position, so each persona's items
+    are contiguous and in the order of the pair rows."""
+    pieces = pieces.sort_by([("pair_id", "ascending"), ("kind", "ascending"), ("position", "ascending")])
     kinds = pieces["kind"].to_numpy()
-    first = {kind: int(np.argmax(kinds == kind)) for kind in (PAIR, VOTES, DEMO) if (kinds == kind).any()}
-    if PAIR not in first or VOTES not in first:
+
+    def of_kind(kind: int) -> pa.Table:
+        return pieces.filter(pa.array(kinds == kind))
+
+    votes = of_kind(VOTES)
+    pairs = of_kind(PAIR)
+    pairs = pairs.filter(pc.is_in(pairs["pair_id"], votes["pair_id"]))
+    if pairs.num_rows == 0:
         return JOINED_SCHEMA.empty_table()
-    lists = {}
+    ids = pairs["pair_id"]
+    n_dims = len(pairs["direction"][0])
+
+    def value(part: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
+        return part[name].take(pc.index_in(ids, part["pair_id"]))  # null where the pair has none
+
+    lists, sizes = {}, {}
     for column, kind in PERSONA_KINDS.items():
-        part = pieces.filter(pc.equal(pieces["kind"], kind))
+        part = of_kind(kind)
+        part = part.filter(pc.is_in(part["pair_id"], ids))
+        owner = pc.index_in(part["pair_id"], ids).to_numpy(zero_copy_only=False)
+        sizes[column] = np.bincount(owner, minlength=len(ids)).astype(np.int32)
         item_type = UGC_TEXT_ITEM if kind == UGC else PAIR_TEXT_ITEM
         names = ["item_id", "prompt", "comment"] if kind == UGC else ["item_id", "prompt", "chosen", "rejected"]
-        columns = [part[n].combine_chunks() for n in names]
-        columns.append(unpack_directions(part["direction_code"].combine_chunks()))
-        structs = pa.StructArray.from_arrays(columns, fields=list(item_type))
-        lists[column] = pa.ListArray.from_arrays(pa.array([0, part.num_rows], pa.int32()), structs)
-
-    def value(name: str, kind: int) -> pa.Array:
-        column = pieces[name]
-        return column.slice(first[kind], 1) if kind in first else pa.nulls(1, column.type)
-
+        fields = [part[n].combine_chunks() for n in names]
+        fields.append(unpack_directions(part["direction_code"].combine_chunks(), n_dims))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(sizes[column])]).astype(np.int32))
+        lists[column] = pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(fields, fields=list(item_type)))
+    demo = of_kind(DEMO)
     pair_columns = ("pair_id", "thread_id", "prompt", "chosen", "rejected", "direction", "source")
     return pa.table(
         {
-            **{name: value(name, PAIR) for name in pair_columns},
+            **{name: pairs[name] for name in pair_columns},
             **lists,
-            "ugc_direction": value("ugc_direction", VOTES),
-            "pair_direction": value("pair_direction", VOTES),
-            "demo_text": value("demo_text", DEMO),
-            "demo_direction": value("demo_direction", DEMO),
-            "ugc_items": pa.array([len(lists["ugc"].values)], pa.int32()),
-            "pair_items": pa.array([len(lists["pair_feedback"].values)], pa.int32()),
+            "ugc_direction": value(votes, "ugc_direction"),
+            "pair_direction": value(votes, "pair_direction"),
+            "demo_text": value(demo, "demo_text"),
+            "demo_direction": value(demo, "demo_direction"),
+            "ugc_items": sizes["ugc"],
+            "pair_items": sizes["pair_feedback"],
         },
         schema=JOINED_SCHEMA,
     )
+
+
+def with_bucket(pieces: pa.Table, buckets: int) -> pa.Table:
+    return pieces.append_column("bucket", pa.array(id_buckets(pieces["pair_id"], buckets)))
 
 
 def joined(
@@ -428,11 +464,16 @@ def joined(
         )
         for ds, kind in zip(pieces, kinds)
     ]
+    # Pairs are gathered a bucket of about PAIRS_PER_BUCKET at a time: one call per pair would
+    # spend more on the call than on the pair.
+    n_pairs = sum(pq.ParquetFile(f).metadata.num_rows for folder in pair_folders for f in folder.glob("*.parquet"))
+    buckets = max(partitions, -(-n_pairs // PAIRS_PER_BUCKET))
     return (
         conformed[0]
         .union(*conformed[1:])
-        .groupby("pair_id", num_partitions=partitions)
-        .map_groups(joined_row, batch_format="pyarrow")
+        .map_batches(with_bucket, fn_args=(buckets,), batch_format="pyarrow")
+        .groupby("bucket", num_partitions=partitions)
+        .map_groups(joined_rows, batch_format="pyarrow")
     )
 
 
