@@ -64,8 +64,6 @@ def persona_agreement(batch: pa.Table) -> np.ndarray:
     """(N, D) bool over joined pairs: where the pair's direction is not neutral and every
     persona it has votes the same. A pair is consistent where any is True (the paper's filter),
     and the True dimensions are the AlignX_test cells it can stand in."""
-    if batch.num_rows == 0:
-        return np.zeros((0, 0), bool)
     direction = list_matrix(batch["direction"], np.float64)
     agree = direction != NEUTRAL
     for name in PERSONA_VOTES:
@@ -81,9 +79,9 @@ def cell_candidates(batch: pa.Table, config: AssembleConfig) -> pa.Table:
     eligible pair can stand in: a forum pair with `test_items` items in both behavioural
     personas, whose pair and every persona show that direction on that dimension. Reads no
     text; the draw key (a seeded stream per pair id) is computed for eligible pairs only."""
-    agree = persona_agreement(batch)
     if batch.num_rows == 0:
         return CANDIDATES_SCHEMA.empty_table()
+    agree = persona_agreement(batch)
     forum = pc.equal(sources_of(batch["pair_id"]), FORUM).to_numpy(zero_copy_only=False)
     items = np.minimum(batch["ugc_items"].to_numpy(), batch["pair_items"].to_numpy())
     agree &= (forum & (items >= config.test_items))[:, None]
