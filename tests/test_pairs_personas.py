@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from alignx_rows import example_consistent
 
@@ -16,6 +17,7 @@ from alignx_ray.build.assemble import (
     assemble_examples,
     conform,
     id_buckets,
+    item_text_bytes,
     joined_rows,
     persona_agreement,
     persona_items,
@@ -380,3 +382,28 @@ def test_official_reader_checks_dimensions():
     row[schema.DIRECTION] = [0.5] * 90
     table = schema.to_official(pa.Table.from_pylist([row]))
     assert table["example_id"].to_pylist() == ["alignx-0"] and table.schema == schema.ALIGNX_SCHEMA
+
+
+def test_item_text_estimate_follows_the_joined_text(corpus, tmp_path):
+    """The co-group is sized by the text its persona items gain in the join, estimated from
+    footers alone; an estimate far below it packs the shuffle into too few partitions."""
+    responses, pairs = corpus
+    pool_r, pool_p = Pool.of_responses(responses), Pool.of_pairs(pairs)
+    personas = persona_rows(
+        pairs, pool_r, pool_p, (pool_r.index("binary"), pool_p.index("binary")), PersonaConfig(items=6)
+    )
+    folders = {}
+    for name, table in {"responses": responses, "pairs": pairs, "personas": personas}.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        half = table.num_rows // 2  # several files, summed
+        pq.write_table(table.slice(0, half), folders[name] / "0.parquet")
+        pq.write_table(table.slice(half), folders[name] / "1.parquet")
+    rows = joined(corpus)
+    text = sum(
+        sum(len(u["prompt"]) + len(u["comment"]) for u in r["ugc"])
+        + sum(len(f["prompt"]) + len(f["chosen"]) + len(f["rejected"]) for f in r["pair_feedback"])
+        for r in rows
+    )
+    estimate = item_text_bytes([folders["pairs"]], [folders["personas"]], folders["responses"])
+    assert text <= estimate <= 2 * text

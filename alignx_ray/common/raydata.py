@@ -70,18 +70,28 @@ def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
     return cpus, gpus
 
 
+def footer_columns(*folders: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(rows, {leaf column path: (values, uncompressed bytes)}) of the parquet files under
+    these folders, summed from their footers: the driver reads no rows."""
+    rows, columns = 0, {}
+    for f in (f for folder in folders for f in sorted(folder.rglob("*.parquet"))):
+        meta = pq.read_metadata(f)
+        rows += meta.num_rows
+        for group in (meta.row_group(i) for i in range(meta.num_row_groups)):
+            for chunk in (group.column(j) for j in range(group.num_columns)):
+                values, size = columns.get(chunk.path_in_schema, (0, 0))
+                columns[chunk.path_in_schema] = (values + chunk.num_values, size + chunk.total_uncompressed_size)
+    return rows, columns
+
+
 def shuffle_partitions(*folders: Path, size: int = 0, partition_bytes: int = 256 * 2**20) -> int:
     """Partitions of a hash shuffle (a join or groupby) over these parquet folders (plus `size`
     bytes of other input): enough that each holds about `partition_bytes` of uncompressed data,
     so no worker's memory grows with the dataset, and at least one per two CPUs of the cluster,
-    so every node works. Sizes come from the files' footers (the driver reads no rows)."""
+    so every node works. Sizes come from the files' footers."""
     import ray
 
-    def uncompressed(path: Path) -> int:
-        meta = pq.read_metadata(path)
-        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-
-    size += sum(uncompressed(f) for folder in folders for f in sorted(folder.rglob("*.parquet")))
+    size += sum(b for _, b in footer_columns(*folders)[1].values())
     cpus = ray.cluster_resources().get("CPU", 2) if ray.is_initialized() else os.cpu_count() or 2
     return max(1, int(cpus) // 2, -(-size // partition_bytes))
 
