@@ -1,13 +1,32 @@
 """The run report: `RUN_DIR/report.json` (one key per stage) and `RUN_DIR/report.md`.
 
 Stages add their figures as they finish, and the report is rewritten each time, so a killed
-run still leaves the figures of the stages it finished.
+run still leaves the figures of the stages it finished. A `summary` entry, when a run writes
+one, comes first: it is what a person reads first.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+SUMMARY = "summary"
+BAR_WIDTH = 30
+
+
+def seconds_chart(stages: dict[str, dict]) -> str:
+    """A markdown bar chart of each stage's wall time as they ran (`stage_seconds`, else the
+    stage's own `seconds`)."""
+    timed = {}
+    for name, figures in stages.items():
+        seconds = figures.get("stage_seconds", figures.get("seconds"))
+        if isinstance(seconds, (int, float)):
+            timed[name] = seconds
+    if not timed:
+        return ""
+    longest = max(timed.values()) or 1.0
+    rows = [f"| {name} | {sec:.1f} | {'█' * max(1, round(BAR_WIDTH * sec / longest))} |" for name, sec in timed.items()]
+    return "\n".join(["| stage | seconds | |", "|---|---:|---|", *rows])
 
 
 class RunReport:
@@ -30,7 +49,8 @@ class RunReport:
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", "", f"Run directory: `{self.run_dir}`", ""]
-        for stage, figures in self.stages.items():
+        order = sorted(self.stages, key=lambda stage: stage != SUMMARY)  # stable: the rest as they ran
+        for stage, figures in ((stage, self.stages[stage]) for stage in order):
             rows = [f"| {key} | {_cell(value)} |" for key, value in _flatten(figures) if key != "markdown"]
             blocks = ["\n".join(["| figure | value |", "|---|---|", *rows])] if rows else []
             blocks += [figures["markdown"]] if isinstance(figures.get("markdown"), str) else []

@@ -135,13 +135,9 @@ def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: 
     else:
         started = time.time()
         resumed = claim_workdir(stage_dir, key)
-        figures = {**compute(), "fingerprint": key}
+        figures = {**compute(), "fingerprint": key, "stage_seconds": round(time.time() - started, 2)}
         (stage_dir / "_manifest.json").write_text(json.dumps(figures, indent=1, default=str))
-        figures = {
-            **figures,
-            "status": "resumed" if resumed else "computed",
-            "stage_seconds": round(time.time() - started, 2),
-        }
+        figures = {**figures, "status": "resumed" if resumed else "computed"}
     report.add(name, figures)
     return figures
 

@@ -2,13 +2,15 @@
 
 Measures, on the same generated responses:
   - the bare engine in this process vs the Ray Data job (actor pool, checkpoints, parquet in
-    and out) with the same engine (the packed tree, the CPU default): the job's overhead ratio;
+    and out) with the same engine (the packed tree, the CPU default) at the same torch thread
+    count (the demo's pool: one actor of 2 CPUs, which Ray turns into its torch threads): the
+    job's overhead ratio, start-up and model load included;
   - vLLM with prefix caching and the warm-up pass vs without: what sharing the prefix saves
     (on fewer responses: the CPU build is slow);
   - the transformers packed tree vs 90 independent prompts.
 Prints a table, then one JSON object of figures as the last line.
 
-    python benchmarks/annotation.py --threads 10
+    python benchmarks/annotation.py --threads 100   # about 550 responses
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=10, help="generated threads; all their responses are scored")
+    parser.add_argument("--threads", type=int, default=100, help="generated threads; all their responses are scored")
     parser.add_argument("--batch", type=int, default=8, help="responses per engine call / Ray Data batch")
     parser.add_argument("--plain-responses", type=int, default=4, help="responses for the slow 90-prompt path")
     parser.add_argument("--vllm-responses", type=int, default=8, help="responses for the vLLM comparison")
@@ -40,10 +42,11 @@ def main() -> None:
 
     from dataclasses import replace
 
+    import torch
     from transformers import AutoTokenizer
 
     from alignx_ray.common import prompts
-    from alignx_ray.common.config import PoolConfig, load_config
+    from alignx_ray.common.config import load_config
     from alignx_ray.engines.labelling import QuestionBank, label_batch
     from alignx_ray.engines.scoring import make_engine
     from alignx_ray.fixtures import synthetic
@@ -78,6 +81,7 @@ def main() -> None:
         "device": "cpu",
         "responses": len(examples),
         "D": len(bank.questions),
+        "torch_threads": torch.get_num_threads(),
         "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c, _ in examples) / len(examples), 1),
         "mean_question_tokens": round(sum(map(len, bank.questions)) / len(bank.questions), 1),
     }
@@ -100,7 +104,7 @@ def main() -> None:
     _, t = timed(lambda: run_engine(plain, args.plain_responses))
     figures["plain_90_prompts_s_per_response"] = t / args.plain_responses
 
-    pool = PoolConfig(batch_size=args.batch, concurrency=(1, 1), num_cpus=1)
+    pool = demo.annotate.pool.model_copy(update={"batch_size": args.batch})
     annotate = demo.annotate.model_copy(update={"engine": cpu_engine(kind="transformers", model=model), "pool": pool})
     config = demo.model_copy(update={"threads": threads, "annotate": annotate})
     run = Run(config, work / "run")

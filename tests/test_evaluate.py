@@ -15,7 +15,7 @@ from alignx_ray.common import schema
 from alignx_ray.common.space import SPACE
 from alignx_ray.engines.logprobs import reward_margin
 from alignx_ray.evaluate import examples as eval_data
-from alignx_ray.evaluate.accuracy import metrics, run_evaluation
+from alignx_ray.evaluate.accuracy import metrics, run_evaluation, wilson_interval
 
 
 def cpu_eval(**fields):
@@ -133,6 +133,16 @@ def test_metrics_follow_the_official_rule_and_flip_rate():
     assert m["accuracy"] == pytest.approx(1 / 3) and m["n"] == 3 and m["persona"]["pair"]["ties"] == 1
     assert m["reversal"]["pair"]["accuracy"] == pytest.approx(1 / 3)
     assert m["reversal"]["pair"]["flip_rate"] == pytest.approx(2 / 3)
+    low, high = m["persona"]["pair"]["ci95"]
+    assert low < 1 / 3 < high
+    # The reference alone prefers the rejected response everywhere (-5 < -4).
+    assert m["starting_model"]["accuracy"] == 0 and m["starting_model"]["n"] == 3
+
+
+def test_wilson_interval_matches_the_textbook_value():
+    assert wilson_interval(8, 10) == [0.4902, 0.9433]  # p = 0.8, n = 10, z = 1.96
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(0, 0) is None
 
 
 def test_calibration_counts_per_category():

@@ -52,9 +52,22 @@ class LogprobScorer:
         return batch
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float] | None:
+    """The 95 % Wilson score interval of a proportion correct / n (sound at small n and near
+    0 or 1, where the normal approximation is not)."""
+    if n == 0:
+        return None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(float(centre - half), 4), round(float(centre + half), 4)]
+
+
 def accuracy_figures(margins: np.ndarray) -> dict:
+    correct = int(np.sum(margins > 0))
     return {
-        "accuracy": float(np.mean(margins > 0)) if len(margins) else None,
+        "accuracy": correct / len(margins) if len(margins) else None,
+        "ci95": wilson_interval(correct, len(margins)),
         "n": int(len(margins)),
         "ties": int(np.sum(margins == 0)),
     }
@@ -63,9 +76,22 @@ def accuracy_figures(margins: np.ndarray) -> dict:
 def metrics(scores: pa.Table, config: EvalConfig) -> dict:
     """Accuracy per (persona, history) on the original preferences and on the reversed ones,
     with the flip rate: how often the model's order of y_w and y_l inverts (strictly) when
-    the persona is reversed, i.e. the two margins have the same sign (Table 5)."""
+    the persona is reversed, i.e. the two margins have the same sign (Table 5).
+
+    `starting_model`: the same figures for the reference alone, whose own order is its summed
+    log-probabilities (chosen minus rejected): what the model knew before training."""
     rows = scores.to_pylist()
-    margins = reward_margin({k: [r[k] for r in rows] for k in SCORE_COLUMNS})
+    columns = {k: [r[k] for r in rows] for k in SCORE_COLUMNS}
+    out = grouped_metrics(rows, reward_margin(columns), config)
+    starting = grouped_metrics(
+        rows, np.asarray(columns["reference_chosen"]) - np.asarray(columns["reference_rejected"]), config
+    )
+    out["starting_model"] = {k: starting[k] for k in ("accuracy", "n", "persona", "reversal")}
+    return out
+
+
+def grouped_metrics(rows: list[dict], margins: np.ndarray, config: EvalConfig) -> dict:
+    """`metrics` of one margin per scored row."""
     groups: dict[tuple, dict[bool, dict[str, float]]] = {}
     for r, m in zip(rows, margins):
         groups.setdefault((r["persona"], r["history"]), {}).setdefault(r["reversed"], {})[r["example_id"]] = m
@@ -84,7 +110,7 @@ def metrics(scores: pa.Table, config: EvalConfig) -> dict:
     head = next((g for g in out["groups"] if g["history"] == default_history), {})  # the first persona type scored
     out.update({"accuracy": head.get("accuracy"), "n": head.get("n", 0)})
     out["persona"] = {
-        g["persona"]: {k: g[k] for k in ("accuracy", "n", "ties")}
+        g["persona"]: {k: g[k] for k in ("accuracy", "ci95", "n", "ties")}
         for g in out["groups"]
         if g["history"] == default_history
     }
