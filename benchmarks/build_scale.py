@@ -8,7 +8,8 @@ personas, assembly (AlignX train and test), statistics and the training-data pre
 methods' DPO examples rendered with the tiny model's tokenizer) run on a local Ray instance,
 in the production code's configs with one actor of each pool per two cores. Per stage: wall
 seconds, the driver's peak RSS (reset before the stage through /proc/self/clear_refs), the
-largest Ray worker's RSS and the object store's use of /dev/shm (both sampled every 0.2 s),
+largest Ray worker's RSS and heap (RSS minus shared pages, see `Sampler`) and the object
+store's use of /dev/shm (all sampled every 0.2 s),
 and the rows it wrote. Between consecutive sizes, the growth exponent of each stage's time
 (log t2/t1 / log n2/n1: 1.0 is linear). The last line is one JSON object with a `sizes` list.
 """
@@ -40,19 +41,32 @@ def reset_peak() -> None:
 
 
 class Sampler:
-    """Peaks of the Ray workers' RSS and of /dev/shm (the object store) while a stage runs."""
+    """Peaks of the Ray workers' memory and of /dev/shm (the object store) while a stage runs.
+
+    A worker's heap is its RSS minus its shared pages, as Ray measures it: the object store's
+    pages a worker reads are shared memory the OS counts in every reader's RSS (and in
+    `object_store_peak_mib` here), so RSS alone counts them twice. Both are kept, with the
+    name of the process at the heap's peak. Only this process's descendants are sampled (a
+    local Ray instance's workers are), so another Ray instance on the machine is not counted."""
 
     def __init__(self, interval: float = 0.2):
-        self.interval, self.worker_mib, self.store_mib = interval, 0.0, 0.0
+        self.interval, self.worker_mib, self.heap_mib, self.heap_process, self.store_mib = interval, 0.0, 0.0, "", 0.0
         self.base_store = shutil.disk_usage("/dev/shm").used
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for proc in psutil.process_iter(["name", "memory_info"]):
-                if (proc.info["name"] or "").startswith("ray::") and proc.info["memory_info"]:
-                    self.worker_mib = max(self.worker_mib, proc.info["memory_info"].rss / 2**20)
+            for proc in psutil.Process().children(recursive=True):  # this run's Ray instance only
+                try:
+                    name, memory = " ".join(proc.cmdline()).strip(), proc.memory_info()
+                except psutil.Error:  # ended meanwhile
+                    continue
+                if name.startswith("ray::"):
+                    self.worker_mib = max(self.worker_mib, memory.rss / 2**20)
+                    heap = (memory.rss - memory.shared) / 2**20
+                    if heap > self.heap_mib:
+                        self.heap_mib, self.heap_process = heap, name
             self.store_mib = max(self.store_mib, (shutil.disk_usage("/dev/shm").used - self.base_store) / 2**20)
             self._stop.wait(self.interval)
 
@@ -140,6 +154,8 @@ def measure_size(responses: int, scratch: Path, tokenizer_dir: Path, seed: int) 
             "seconds": round(seconds, 2),
             "driver_peak_rss_mib": round(vm_hwm_mib(), 1),
             "max_worker_rss_mib": round(sampler.worker_mib, 1),
+            "max_worker_heap_mib": round(sampler.heap_mib, 1),
+            "max_heap_process": sampler.heap_process,
             "object_store_peak_mib": round(sampler.store_mib, 1),
             "rows_out": rows_of(output) if output else None,
         }
@@ -155,6 +171,7 @@ def measure_size(responses: int, scratch: Path, tokenizer_dir: Path, seed: int) 
         "total_seconds": round(sum(s["seconds"] for s in stages.values()), 2),
         "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in stages.values()),
         "max_worker_peak_rss_mib": max(s["max_worker_rss_mib"] for s in stages.values()),
+        "max_worker_peak_heap_mib": max(s["max_worker_heap_mib"] for s in stages.values()),
         "object_store_peak_mib": max(s["object_store_peak_mib"] for s in stages.values()),
         "stages": stages,
     }
