@@ -60,7 +60,8 @@ class Dimension:
 def intensity_embedding(levels: np.ndarray, n_levels: int = L) -> np.ndarray:
     """(N, D) levels 1..L -> (N, D * L) float32 one-hot codes; code . code = equal dimensions."""
     levels = np.asarray(levels)
-    return np.eye(n_levels, dtype=np.float32)[levels.astype(np.int64) - 1].reshape(len(levels), -1)
+    one_hot = np.eye(n_levels, dtype=np.float32)[levels.astype(np.int64) - 1]
+    return one_hot.reshape(len(levels), levels.shape[1] * n_levels)
 
 
 def level_to_direction(levels) -> np.ndarray:
