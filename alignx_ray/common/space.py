@@ -69,6 +69,17 @@ def level_to_direction(levels) -> np.ndarray:
     return compare_levels(levels, LEVEL_MEDIAN)
 
 
+def direction_bytes(directions) -> np.ndarray:
+    """Directions (0, 0.5 or 1 per dimension) as one byte each (0, 1, 2): exact, an eighth of
+    their float64 size."""
+    return np.rint(np.asarray(directions, np.float64) * 2).astype(np.uint8)
+
+
+def byte_directions(codes) -> np.ndarray:
+    """The inverse of `direction_bytes`: float64 directions."""
+    return np.asarray(codes).astype(np.float64) / 2
+
+
 def compare_levels(levels_w, levels_l) -> np.ndarray:
     """Direction of a pair (paper §4.1): positive where y_w is more intense than y_l."""
     return 0.5 * (np.sign(np.asarray(levels_w, np.int64) - np.asarray(levels_l, np.int64)) + 1.0)
