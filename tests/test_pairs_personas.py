@@ -24,7 +24,15 @@ from alignx_ray.build.assemble import (
     select_test,
 )
 from alignx_ray.build.pairs import PairsConfig, cluster_thread, draw_pairs, thread_pairs
-from alignx_ray.build.personas import PersonaConfig, Pool, consistent, persona_rows, vote
+from alignx_ray.build.personas import (
+    PersonaConfig,
+    Pool,
+    consistent,
+    persona_rows,
+    persona_stage,
+    shard_pools,
+    vote,
+)
 from alignx_ray.common import schema
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import intensity_embedding
@@ -80,6 +88,8 @@ def test_exact_indexes_agree_with_brute_force(n_dims):
         assert np.array_equal(answer[0], -np.sort(-brute, axis=1)[:, :25]), kind
         assert same_neighbours(answer, answers["flat_ip"]), kind
         assert (np.take_along_axis(brute, answer[1], 1) == answer[0]).all(), kind
+        empty = LevelIndex(base[:0], kind).search(queries, 25)  # a shard of a small pool may be empty
+        assert empty[0].shape == empty[1].shape == (40, 0), kind
     scores, ids = answers["fastscan"]
     assert not same_neighbours(answers["binary"], (scores - 1, ids))
     with pytest.raises(ValueError, match="unknown index kind"):
@@ -208,6 +218,35 @@ def test_personas_respect_threshold_thread_and_consistency(corpus):
         for kind in ("flat_ip", "fastscan", "binary")
     ]
     assert cut[0] == cut[1] == cut[2] and cut[0] != out
+
+
+def sharded_personas(pairs: pa.Table, pools: tuple[Pool, Pool], config: PersonaConfig, shard_rows: int, kind: str):
+    """The Ray job's chain of shard stages, run one after another; each stage gets the rows in
+    batches cut differently, as Ray Data may re-batch between stages (an empty one included)."""
+    shards = shard_pools(*pools, shard_rows)
+    batch = pairs
+    for s, shard in enumerate(shards):
+        indexes = tuple(pool.index(kind) for pool in shard)
+        bounds = [0, 0, *range(7 + 5 * s, batch.num_rows, 23), batch.num_rows]
+        pieces = [batch.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        last = s == len(shards) - 1
+        batch = pa.concat_tables([persona_stage(piece, shard, indexes, config, s > 0, last) for piece in pieces])
+    return batch, len(shards)
+
+
+@pytest.mark.parametrize("kind", ["fastscan", "binary"])
+def test_sharded_personas_equal_the_whole_pools(corpus, kind):
+    """Personas from pools split into 1 to 13 shards (threads split across shards at 23 and 7
+    rows) equal those of the whole pools, also when fewer candidates than a shard holds put
+    the cut inside each shard."""
+    responses, pairs = corpus
+    pools = Pool.of_responses(responses), Pool.of_pairs(pairs)
+    assert [len(s.ids) for s, _ in shard_pools(*pools, 23)] == [22, 23, 22, 23]
+    for config in (PersonaConfig(items=5, candidates=200), PersonaConfig(items=5, candidates=10)):
+        whole = persona_rows(pairs, *pools, tuple(pool.index(kind) for pool in pools), config)
+        for shard_rows, count in ((90, 1), (45, 2), (30, 3), (23, 4), (7, 13)):
+            sharded, shards = sharded_personas(pairs, pools, config, shard_rows, kind)
+            assert shards == count and sharded.equals(whole), (config.candidates, shard_rows)
 
 
 def joined(corpus, demo=None):

@@ -34,7 +34,7 @@ from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import footer_columns, shuffle_partitions, write_parquet, write_rejected
 from alignx_ray.common.schema import list_matrix
 from alignx_ray.common.seeding import seeded_rng
-from alignx_ray.common.space import NEUTRAL
+from alignx_ray.common.space import NEUTRAL, byte_directions, direction_bytes
 
 CELL_DIRECTIONS = (1.0, 0.0)
 
@@ -301,7 +301,7 @@ def pack_directions(directions: pa.Array) -> pa.Array:
     """Directions (0, 0.5 or 1 per dimension) as one byte each: an item crosses the shuffles in
     D bytes instead of 8D."""
     n = len(directions)
-    codes = (list_matrix(directions, np.float64) * 2).astype(np.uint8)
+    codes = direction_bytes(list_matrix(directions, np.float64))
     offsets = np.arange(n + 1, dtype=np.int32) * codes.shape[1]
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(codes.tobytes())])
 
@@ -311,7 +311,7 @@ def unpack_directions(codes: pa.Array, n_dims: int) -> pa.Array:
     codes = codes.cast(pa.binary())
     offsets = np.frombuffer(codes.buffers()[1], np.int32)[codes.offset : codes.offset + len(codes) + 1]
     data = np.frombuffer(codes.buffers()[2], np.uint8) if len(codes) else np.zeros(0, np.uint8)
-    values = data[offsets[0] : offsets[-1]] / 2
+    values = byte_directions(data[offsets[0] : offsets[-1]])
     return pa.FixedSizeListArray.from_arrays(values, n_dims).cast(schema.DIRECTION_TYPE)
 
 

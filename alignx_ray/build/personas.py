@@ -8,15 +8,18 @@ For a pair (x, y_w, y_l) with direction P:
   cosine(y'_l, y_l) > t; an item's direction is that pair's direction.
 - Candidates come from an exact FAISS search over all annotated responses (or all pairs'
   chosen responses), the `candidates` nearest first; H items are sampled, seeded by the pair
-  id, among those that satisfy the consistency criterion (`consistent`).
+  id, among those that satisfy the consistency criterion (`consistent`). A pool too large
+  for one actor is searched shard by shard, with the same result (`Candidates`).
 - The persona's overall direction is the majority vote of its items (`vote`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +32,7 @@ from alignx_ray.common.config import PoolConfig, Section
 from alignx_ray.common.raydata import map_resumable
 from alignx_ray.common.schema import PERSONAS_SCHEMA, REJECT_COLUMN, list_matrix, only_labelled
 from alignx_ray.common.seeding import seeded_rng
-from alignx_ray.common.space import NEUTRAL, level_to_direction
+from alignx_ray.common.space import NEUTRAL, byte_directions, direction_bytes, level_to_direction
 from alignx_ray.engines.retrieval import IndexKind, LevelIndex, min_equal_dims
 
 
@@ -43,6 +46,11 @@ class PersonaConfig(Section):
     index: `fastscan` (FAISS 4-bit PQ fast-scan with exact codebooks), `binary` (FAISS Hamming
         over bit-packed codes) or `flat_ip` (FAISS float inner product); all exact (retrieval.py).
     seed: mixed with each pair id into that pair's random stream.
+    shard_rows: the most rows of a pool one actor holds: the larger pool, of N rows, is split
+        into S = ceil(N / shard_rows) shards, and so is the other, each shard a range of ids;
+        the pairs pass through one actor stage per shard, with the same personas for any S.
+        An actor holds 7.8M responses per GiB (`Pool`); with a pair per 5.5 responses, as in
+        `benchmarks/build_scale.py`, the default holds about 0.9 GiB.
     """
 
     threshold: float = 0.6
@@ -50,6 +58,7 @@ class PersonaConfig(Section):
     candidates: int = 512
     index: IndexKind = "fastscan"
     seed: int = 0
+    shard_rows: int = 5_000_000
     pool: PoolConfig = PoolConfig(batch_size=4096, concurrency=(1, 8), num_cpus=2)
 
 
@@ -79,93 +88,243 @@ def vote(items: np.ndarray) -> np.ndarray:
     return np.where(pos > neg, 1.0, np.where(neg > pos, 0.0, NEUTRAL))
 
 
+PoolKind = Literal["ugc", "pair"]  # a pool of responses (for P_UGC) or of pairs (for P_PAIR)
+PAIR_COLUMNS = ["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"]  # what personas read
+
+
 @dataclass(frozen=True)
 class Pool:
     """What personas are drawn from, in compact codes: responses (for UGC) or pairs (for PAIR),
-    sorted by id. No text: an item is named by its id, and assembly joins its text once.
+    sorted by id, or one shard of them (a contiguous range of those rows). No text: an item is
+    named by its id, and assembly joins its text once.
 
-    Per response, a pool holds its id, a thread code and D uint8 levels (the FAISS fast-scan
-    index adds D/2 bytes): about 4M responses per GiB at D = 90."""
+    Per response, a pool holds its id, a thread code and D uint8 levels, and the FAISS
+    fast-scan index D/2 4-bit codes: at D = 90 and ids of 15 characters, 115 + 23 = 138 bytes,
+    7.8M responses per GiB. Per pair, its id, a thread code, D uint8 levels of each response
+    and its direction in D bytes: 323 + 23 = 346 bytes, 3.1M pairs per GiB."""
 
     ids: pa.Array  # (N,) string
-    threads: np.ndarray  # (N,) int32: index of the row's thread in `thread_names`
-    thread_names: pa.Array  # distinct thread ids
+    threads: np.ndarray  # (N,) int32: the row's thread code, the same in every shard of a pool
+    thread_names: pa.Array  # the distinct thread ids of these rows
+    thread_name_codes: np.ndarray  # (T,) int32: each one's code, ascending
     levels: np.ndarray  # (N, D) uint8: response levels, or the pairs' chosen levels
-    pair_directions: np.ndarray | None = None  # (N, D) float32, pairs only
+    pair_direction_bytes: np.ndarray | None = None  # (N, D) uint8 (`direction_bytes`), pairs only
     rejected_levels: np.ndarray | None = None  # (N, D) uint8, pairs only
+    first_row: int = 0  # the row of the first id among all the pool's rows (row order = id order)
 
     @classmethod
     def of_responses(cls, responses: pa.Table) -> Pool:
         table = responses.select(["response_id", "thread_id", "levels"]).sort_by("response_id")
-        threads = table["thread_id"].combine_chunks().dictionary_encode()
-        return cls(
-            table["response_id"].combine_chunks(),
-            threads.indices.to_numpy().astype(np.int32),
-            threads.dictionary,
-            list_matrix(table["levels"], np.uint8),
-        )
+        return cls(table["response_id"].combine_chunks(), *thread_coding(table), list_matrix(table["levels"], np.uint8))
 
     @classmethod
     def of_pairs(cls, pairs: pa.Table) -> Pool:
-        table = pairs.select(["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"])
-        table = table.sort_by("pair_id")
-        threads = table["thread_id"].combine_chunks().dictionary_encode()
+        table = pairs.select(PAIR_COLUMNS).sort_by("pair_id")
         return cls(
             table["pair_id"].combine_chunks(),
-            threads.indices.to_numpy().astype(np.int32),
-            threads.dictionary,
+            *thread_coding(table),
             list_matrix(table["chosen_levels"], np.uint8),
-            list_matrix(table["direction"], np.float32),
+            direction_bytes(list_matrix(table["direction"], np.float32)),
             list_matrix(table["rejected_levels"], np.uint8),
         )
 
-    @property
-    def is_pairs(self) -> bool:
-        return self.rejected_levels is not None
+    def __len__(self) -> int:
+        return len(self.ids)
 
-    def directions(self, rows: np.ndarray) -> np.ndarray:
-        """(n, D) float64 directions of the given rows: a pair's own, a response's level against
+    @property
+    def kind(self) -> PoolKind:
+        return "pair" if self.rejected_levels is not None else "ugc"
+
+    def direction_bytes(self, rows: np.ndarray) -> np.ndarray:
+        """(n, D) `direction_bytes` of the given rows: a pair's own, a response's level against
         the median."""
-        if self.is_pairs:
-            return self.pair_directions[rows].astype(np.float64)
-        return level_to_direction(self.levels[rows])
+        if self.kind == "pair":
+            return self.pair_direction_bytes[rows]
+        return direction_bytes(level_to_direction(self.levels[rows]))
 
     def thread_codes(self, thread_ids: pa.Array) -> np.ndarray:
-        """Each thread id's code in this pool (-1 for a thread the pool does not hold)."""
-        codes = pc.index_in(thread_ids, value_set=self.thread_names)
-        return pc.fill_null(codes, -1).to_numpy().astype(np.int32)
+        """Each thread id's code (-1 for a thread none of these rows belongs to)."""
+        found = pc.fill_null(pc.index_in(thread_ids, value_set=self.thread_names), -1).to_numpy()
+        return np.where(found >= 0, self.thread_name_codes[found], -1).astype(np.int32)
 
     def index(self, kind: IndexKind) -> LevelIndex:
         return LevelIndex(self.levels, kind)
 
+    def shards(self, count: int) -> list[Pool]:
+        """The pool in `count` contiguous ranges of rows of near-equal size."""
+        bounds = np.arange(count + 1) * len(self) // count
+        return [self.rows_between(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
-def select_items(pairs: pa.Table, pool: Pool, index: LevelIndex, config: PersonaConfig) -> list[np.ndarray]:
-    """Pool rows of each pair's persona, in sampled order: UGC items for a pool of responses,
-    PAIR items for a pool of pairs. The loop is per query (each pair's seeded draw), over its
-    `candidates` neighbours only."""
-    need = min_equal_dims(config.threshold, pool.levels.shape[1])
-    chosen = list_matrix(pairs["chosen_levels"], np.uint8)
-    rejected = list_matrix(pairs["rejected_levels"], np.uint8)
+    def rows_between(self, start: int, stop: int) -> Pool:
+        held = np.unique(self.threads[start:stop])
+        names_at = np.searchsorted(self.thread_name_codes, held)
+        return Pool(
+            pa.concat_arrays([self.ids.slice(start, stop - start)]),  # a copy: a slice pickles all buffers
+            self.threads[start:stop],
+            self.thread_names.take(names_at),
+            held.astype(np.int32),
+            self.levels[start:stop],
+            None if self.pair_direction_bytes is None else self.pair_direction_bytes[start:stop],
+            None if self.rejected_levels is None else self.rejected_levels[start:stop],
+            self.first_row + int(start),
+        )
+
+
+def thread_coding(table: pa.Table) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """(each row's thread code, the distinct thread ids, their codes) of a table's `thread_id`."""
+    threads = table["thread_id"].combine_chunks().dictionary_encode()
+    names = threads.dictionary
+    return threads.indices.to_numpy().astype(np.int32), names, np.arange(len(names), dtype=np.int32)
+
+
+def shard_pools(responses: Pool, pairs: Pool, shard_rows: int) -> list[tuple[Pool, Pool]]:
+    """Both pools in S = ceil(rows of the larger / shard_rows) shards, shard s of each together."""
+    count = max(1, -(-max(len(responses), len(pairs)) // shard_rows))
+    return list(zip(responses.shards(count), pairs.shards(count)))
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Each query's candidate items among the pool rows searched so far (one shard, or several
+    merged), with what selection needs, so that it runs without the pool. Flat arrays, ordered
+    by query.
+
+    Exact over shards: each shard reports its own top k scores (k = `candidates`), and the top k
+    of the whole pool are the top k of their union, so the cut (the k-th score, when the pool
+    holds more than k rows) is found from `top` alone; every row scoring above it is in its
+    shard's top k. Scores at or below the cut of the rows searched so far are at or below the
+    final one, so such candidates are dropped as shards merge (a shard's own and every merge's
+    are `above_cut`), and fewer than k remain. The per-thread best response is taken after the
+    last merge, on what is above the cut: a score threshold keeps or drops a thread's best
+    response with the thread, so the order commutes."""
+
+    searched: np.ndarray  # (Q,) int64: pool rows searched
+    top: np.ndarray  # (Q, k) int32: their k highest scores, highest first, -1 where fewer rows
+    query: np.ndarray  # (n,) int64: the query of each candidate, ascending
+    rows: np.ndarray  # (n,) int64: the candidate's row in the whole pool (row order = id order)
+    ids: pa.Array  # (n,) string
+    threads: np.ndarray  # (n,) int32 thread codes
+    scores: np.ndarray  # (n,) int32: dimensions of equal level with the query
+    directions: np.ndarray  # (n, D) uint8 `direction_bytes`
+
+    def above_cut(self) -> Candidates:
+        """The candidates scoring above their query's cut (all when at most k rows were searched)."""
+        cut = np.where(self.searched > self.top.shape[1], self.top[:, -1], -1)
+        keep = self.scores > cut[self.query]
+        return Candidates(
+            self.searched,
+            self.top,
+            self.query[keep],
+            self.rows[keep],
+            self.ids.filter(pa.array(keep)),
+            self.threads[keep],
+            self.scores[keep],
+            self.directions[keep],
+        )
+
+    def columns(self, kind: PoolKind) -> dict[str, pa.Array]:
+        """As Arrow columns, one row per query, for the next shard's stage."""
+        q, k = self.top.shape
+        offsets = np.searchsorted(self.query, np.arange(q + 1)).astype(np.int32)
+        items = pa.StructArray.from_arrays(
+            [
+                pa.array(self.rows),
+                self.ids,
+                pa.array(self.threads),
+                pa.array(self.scores),
+                pa.FixedSizeListArray.from_arrays(self.directions.ravel(), self.directions.shape[1]),
+            ],
+            names=["row", "id", "thread", "score", "direction"],
+        )
+        return {
+            f"{kind}_searched": pa.array(self.searched),
+            f"{kind}_top": pa.FixedSizeListArray.from_arrays(self.top.ravel(), k),
+            f"{kind}_candidates": pa.ListArray.from_arrays(pa.array(offsets), items),
+        }
+
+    @classmethod
+    def of_columns(cls, batch: pa.Table, kind: PoolKind) -> Candidates:
+        listed = batch[f"{kind}_candidates"].combine_chunks()
+        rows, ids, threads, scores, directions = pc.list_flatten(listed).flatten()
+        return cls(
+            batch[f"{kind}_searched"].to_numpy(),
+            list_matrix(batch[f"{kind}_top"], np.int32),
+            pc.list_parent_indices(listed).to_numpy().astype(np.int64),
+            rows.to_numpy(),
+            ids,
+            threads.to_numpy(),
+            scores.to_numpy(),
+            list_matrix(directions, np.uint8),
+        )
+
+
+def shard_candidates(pairs: pa.Table, pool: Pool, index: LevelIndex, config: PersonaConfig) -> Candidates:
+    """Each pair's candidates in one shard: of its top `candidates` rows by equal dimensions,
+    those above the shard's cut with score >= need from another thread, and for a pool of pairs
+    with as many equal dimensions of the rejected responses."""
+    k, n_dims = config.candidates, pool.levels.shape[1]
+    need = min_equal_dims(config.threshold, n_dims)
+    equal, rows = index.search(list_matrix(pairs["chosen_levels"], np.uint8).reshape(-1, n_dims), k)
+    top = np.pad(equal, ((0, 0), (0, k - equal.shape[1])), constant_values=-1)
+    searched = np.full(len(top), len(pool), np.int64)
+    query, rank = np.nonzero((rows >= 0) & (equal >= need))
+    rows, scores = rows[query, rank], equal[query, rank]
+    keep = pool.threads[rows] != pool.thread_codes(pairs["thread_id"].combine_chunks())[query]
+    if pool.kind == "pair":
+        rejected = list_matrix(pairs["rejected_levels"], np.uint8).reshape(-1, n_dims)
+        keep[keep] = (pool.rejected_levels[rows[keep]] == rejected[query[keep]]).sum(axis=1) >= need
+    query, rows, scores = query[keep], rows[keep], scores[keep]
+    found = Candidates(
+        searched,
+        top,
+        query,
+        rows + pool.first_row,
+        pool.ids.take(rows),
+        pool.threads[rows],
+        scores,
+        pool.direction_bytes(rows),
+    )
+    return found.above_cut()
+
+
+def merge_candidates(earlier: Candidates, shard: Candidates) -> Candidates:
+    """The candidates of the rows searched so far and of one more shard's, for the same queries."""
+    k = earlier.top.shape[1]
+    top = -np.sort(-np.concatenate([earlier.top, shard.top], axis=1), axis=1)[:, :k]
+    query = np.concatenate([earlier.query, shard.query])
+    order = np.argsort(query, kind="stable")
+    merged = Candidates(
+        earlier.searched + shard.searched,
+        top,
+        query[order],
+        np.concatenate([earlier.rows, shard.rows])[order],
+        pa.concat_arrays([earlier.ids, shard.ids]).take(order),
+        np.concatenate([earlier.threads, shard.threads])[order],
+        np.concatenate([earlier.scores, shard.scores])[order],
+        np.concatenate([earlier.directions, shard.directions])[order],
+    )
+    return merged.above_cut()
+
+
+def select_from_candidates(
+    pairs: pa.Table, found: Candidates, kind: PoolKind, config: PersonaConfig
+) -> list[np.ndarray]:
+    """Each pair's items, as positions in `found`, in sampled order: for UGC the most similar
+    response of each thread (ties to the smaller row), then the consistent ones in row order
+    (so that sampling does not depend on FAISS's order among ties), H of them drawn seeded by
+    the pair id. The loop is per query, over its candidates only."""
     directions = list_matrix(pairs["direction"], np.float64)
-    own_threads = pool.thread_codes(pairs["thread_id"].combine_chunks())
-    equal, rows = index.search(chosen, config.candidates)
-    # When the index holds more than `candidates` rows, the tie at the last score may be cut
-    # anywhere, and each index orders ties its own way: only scores above it are kept.
-    cut = equal[:, -1:] if len(index) > config.candidates else np.full((len(rows), 1), -1)
+    bounds = np.searchsorted(found.query, np.arange(pairs.num_rows + 1))
     out = []
     for i, pair_id in enumerate(pairs["pair_id"].to_pylist()):
-        keep = (rows[i] >= 0) & (equal[i] >= need) & (equal[i] > cut[i])
-        keep[keep] = pool.threads[rows[i][keep]] != own_threads[i]
-        cand, score = rows[i][keep], equal[i][keep]
-        if pool.is_pairs:
-            cand = cand[(pool.rejected_levels[cand] == rejected[i]).sum(axis=1) >= need]
-        else:  # the most similar response of each thread; ties to the smaller row
-            order = np.lexsort((cand, -score))
-            _, first = np.unique(pool.threads[cand[order]], return_index=True)
-            cand = cand[order][first]
-        cand = np.sort(cand)  # sampling must not depend on FAISS's order among ties
-        cand = cand[consistent(pool.directions(cand), directions[i])]
-        rng = seeded_rng("pair" if pool.is_pairs else "ugc", config.seed, pair_id)
+        cand = np.arange(bounds[i], bounds[i + 1])
+        if kind == "ugc":
+            order = cand[np.lexsort((found.rows[cand], -found.scores[cand]))]
+            _, first = np.unique(found.threads[order], return_index=True)
+            cand = order[first]
+        cand = cand[np.argsort(found.rows[cand])]
+        cand = cand[consistent(byte_directions(found.directions[cand]), directions[i])]
+        rng = seeded_rng(kind, config.seed, pair_id)
         out.append(cand[rng.permutation(len(cand))[: config.items]])
     return out
 
@@ -181,71 +340,101 @@ def item_lists(
     return pa.ListArray.from_arrays(pa.array(offsets), structs).cast(item_type)
 
 
-def persona_column(pool: Pool, items: list[np.ndarray], id_name: str, item_type: pa.DataType) -> pa.Array:
+def persona_column(found: Candidates, items: list[np.ndarray], id_name: str, item_type: pa.DataType) -> pa.Array:
     """Each pair's items as a list of {id, direction}."""
-    rows = np.concatenate(items) if items else np.zeros(0, np.int64)
-    return item_lists(pool.ids.take(rows), pool.directions(rows), [len(x) for x in items], id_name, item_type)
+    chosen = np.concatenate(items) if items else np.zeros(0, np.int64)
+    directions = byte_directions(found.directions[chosen])
+    return item_lists(found.ids.take(chosen), directions, [len(x) for x in items], id_name, item_type)
 
 
-def voted_column(pool: Pool, items: list[np.ndarray]) -> pa.Array:
+def voted_column(found: Candidates, items: list[np.ndarray]) -> pa.Array:
     """Each persona's voted direction; null for an empty persona."""
-    return pa.array([vote(pool.directions(x)).tolist() if len(x) else None for x in items], pa.list_(pa.float64()))
+    votes = [vote(byte_directions(found.directions[x])).tolist() if len(x) else None for x in items]
+    return pa.array(votes, pa.list_(pa.float64()))
+
+
+def persona_stage(
+    batch: pa.Table,
+    pools: tuple[Pool, Pool],
+    indexes: tuple[LevelIndex, LevelIndex],
+    config: PersonaConfig,
+    carried: bool,
+    last: bool,
+) -> pa.Table:
+    """One shard's step for a batch of pairs: its candidates from both pools (responses, pairs),
+    merged into those the batch carries from earlier shards when `carried`; after the last
+    shard, P_UGC and P_PAIR of every pair (item ids and directions; an empty persona has a null
+    voted direction), else the pairs with the candidates so far."""
+    found = {pool.kind: shard_candidates(batch, pool, index, config) for pool, index in zip(pools, indexes)}
+    if carried:
+        found = {kind: merge_candidates(Candidates.of_columns(batch, kind), shard) for kind, shard in found.items()}
+    if not last:
+        carry = {name: column for kind, shard in found.items() for name, column in shard.columns(kind).items()}
+        return pa.table({**{name: batch[name] for name in PAIR_COLUMNS}, **carry})
+    ugc = select_from_candidates(batch, found["ugc"], "ugc", config)
+    feedback = select_from_candidates(batch, found["pair"], "pair", config)
+    columns = {
+        "pair_id": batch["pair_id"].combine_chunks(),
+        "ugc": persona_column(found["ugc"], ugc, "response_id", PERSONAS_SCHEMA.field("ugc").type),
+        "pair_feedback": persona_column(
+            found["pair"], feedback, "pair_id", PERSONAS_SCHEMA.field("pair_feedback").type
+        ),
+        "ugc_direction": voted_column(found["ugc"], ugc),
+        "pair_direction": voted_column(found["pair"], feedback),
+    }
+    return pa.table(columns, schema=PERSONAS_SCHEMA)
 
 
 def persona_rows(
     pairs: pa.Table, responses: Pool, pair_pool: Pool, indexes: tuple[LevelIndex, LevelIndex], config: PersonaConfig
 ) -> pa.Table:
-    """P_UGC and P_PAIR of every pair in `pairs` (item ids and directions); an empty persona
-    has a null voted direction."""
-    ugc = select_items(pairs, responses, indexes[0], config)
-    feedback = select_items(pairs, pair_pool, indexes[1], config)
-    columns = {
-        "pair_id": pairs["pair_id"].combine_chunks(),
-        "ugc": persona_column(responses, ugc, "response_id", PERSONAS_SCHEMA.field("ugc").type),
-        "pair_feedback": persona_column(pair_pool, feedback, "pair_id", PERSONAS_SCHEMA.field("pair_feedback").type),
-        "ugc_direction": voted_column(responses, ugc),
-        "pair_direction": voted_column(pair_pool, feedback),
-    }
-    return pa.table(columns, schema=PERSONAS_SCHEMA)
+    """P_UGC and P_PAIR of every pair in `pairs` from whole pools: one shard's stage."""
+    return persona_stage(pairs, (responses, pair_pool), indexes, config, carried=False, last=True)
 
 
-@ray.remote
-def compact_pools(annotate_dir: Path, pairs_dir: Path) -> tuple[Pool, Pool]:
+@ray.remote(num_returns="streaming")
+def compact_shards(annotate_dir: Path, pairs_dir: Path, shard_rows: int) -> Iterator[tuple[Pool, Pool]]:
     """Both pools, built in a task (not the driver) from the id, thread and level columns
-    only, and put in the object store once: every actor on a node maps the same arrays."""
+    only, and put in the object store once, shard by shard: every actor of a shard's stage on a
+    node maps the same arrays."""
     responses = only_labelled(
         pq.read_table(annotate_dir / "data", columns=["response_id", "thread_id", "levels", REJECT_COLUMN])
     )
-    pairs = pq.read_table(
-        pairs_dir / "data", columns=["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"]
-    )
-    return Pool.of_responses(responses), Pool.of_pairs(pairs)
+    pairs = pq.read_table(pairs_dir / "data", columns=PAIR_COLUMNS)
+    for shard in shard_pools(Pool.of_responses(responses), Pool.of_pairs(pairs), shard_rows):  # noqa: UP028
+        yield shard  # not `yield from`: Ray resumes the generator with send()
 
 
 class PersonaUDF:
-    """Ray Data actor holding both pools' FAISS indexes, built once per actor."""
+    """Ray Data actor holding one shard of both pools and their FAISS indexes, built once per
+    actor (`persona_stage`)."""
 
-    def __init__(self, pools_ref: list, config: PersonaConfig):
-        self.config = config
-        self.responses, self.pairs = ray.get(pools_ref[0])
-        self.indexes = (self.responses.index(config.index), self.pairs.index(config.index))
+    def __init__(self, shard_ref: list, config: PersonaConfig, carried: bool, last: bool):
+        self.config, self.carried, self.last = config, carried, last
+        self.pools = ray.get(shard_ref[0])
+        self.indexes = tuple(pool.index(config.index) for pool in self.pools)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return persona_rows(batch, self.responses, self.pairs, self.indexes, self.config)
+        return persona_stage(batch, self.pools, self.indexes, self.config, self.carried, self.last)
 
 
 def run_personas(config: PersonaConfig, annotate_dir: Path, pairs_dir: Path, out_dir: Path) -> dict:
-    """P_UGC and P_PAIR for every pair; resumable by `pair_id`."""
+    """P_UGC and P_PAIR for every pair; resumable by `pair_id`. The pairs pass through one
+    actor stage per shard of the pools, each adding its shard's candidates; the last selects."""
     started = time.time()
-    pools = compact_pools.remote(annotate_dir.resolve(), pairs_dir.resolve())
+    shards = list(compact_shards.remote(annotate_dir.resolve(), pairs_dir.resolve(), config.shard_rows))
+    stages = [
+        (PersonaUDF, dict(shard_ref=[shard], config=config, carried=s > 0, last=s == len(shards) - 1))
+        for s, shard in enumerate(shards)
+    ]
     map_resumable(
         pairs_dir / "data",
         out_dir / "data",
         "pair_id",
-        PersonaUDF,
-        dict(pools_ref=[pools], config=config),
+        *stages[0],
         config.pool,
-        columns=["pair_id", "thread_id", "chosen_levels", "rejected_levels", "direction"],
+        columns=PAIR_COLUMNS,
+        then=stages[1:],
     )
     sizes = (
         ray.data.read_parquet(str((out_dir / "data").resolve()))

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -104,9 +105,11 @@ def map_resumable(
     udf_kwargs: dict,
     pool: PoolConfig,
     columns: list[str] | None = None,
+    then: Sequence[tuple[type, dict]] = (),
 ) -> None:
     """read_parquet(source) -> map_batches(udf actors) -> write_parquet(output), checkpointed;
-    `columns`: only these reach the actors (None: all).
+    `columns`: only these reach the actors (None: all); `then`: further actor stages, each
+    (class, constructor kwargs) in the same pool config, through which the rows pass in turn.
 
     Ray Data's CheckpointConfig records the ids of written rows beside `output` and filters
     them out of the input of a re-run (two-phase commit), so a killed stage resumes.
@@ -126,15 +129,16 @@ def map_resumable(
         if columns is not None:
             ds = ds.select_columns(columns)
         low, high = pool.concurrency
-        ds = ds.map_batches(
-            udf,
-            fn_constructor_kwargs=udf_kwargs,
-            batch_size=pool.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-        )
+        for stage, kwargs in [(udf, udf_kwargs), *then]:
+            ds = ds.map_batches(
+                stage,
+                fn_constructor_kwargs=kwargs,
+                batch_size=pool.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+            )
         ds.write_parquet(str(output.resolve()))
     finally:
         ctx.checkpoint_config = None

@@ -125,10 +125,12 @@ VARIANTS_SCHEMA = pa.schema(
 
 
 def list_matrix(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
-    """A list column of equal-length rows as an (N, D) array, without a Python row loop."""
+    """A list column of equal-length rows as an (N, D) array, without a Python row loop; a
+    fixed-size list column keeps its D when empty."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return flat.astype(dtype, copy=False).reshape(len(column), -1 if len(column) else 0)
+    width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else -1 if len(column) else 0
+    return flat.astype(dtype, copy=False).reshape(len(column), width)
 
 
 def to_official(table: pa.Table, n_dims: int = OFFICIAL_D, first_row: int = 0) -> pa.Table:

@@ -60,12 +60,24 @@ class Dimension:
 def intensity_embedding(levels: np.ndarray, n_levels: int = L) -> np.ndarray:
     """(N, D) levels 1..L -> (N, D * L) float32 one-hot codes; code . code = equal dimensions."""
     levels = np.asarray(levels)
-    return np.eye(n_levels, dtype=np.float32)[levels.astype(np.int64) - 1].reshape(len(levels), -1)
+    one_hot = np.eye(n_levels, dtype=np.float32)[levels.astype(np.int64) - 1]
+    return one_hot.reshape(len(levels), levels.shape[1] * n_levels)
 
 
 def level_to_direction(levels) -> np.ndarray:
     """Direction of a single response (paper §4.2): above the median level is positive."""
     return compare_levels(levels, LEVEL_MEDIAN)
+
+
+def direction_bytes(directions) -> np.ndarray:
+    """Directions (0, 0.5 or 1 per dimension) as one byte each (0, 1, 2): exact, an eighth of
+    their float64 size."""
+    return np.rint(np.asarray(directions, np.float64) * 2).astype(np.uint8)
+
+
+def byte_directions(codes) -> np.ndarray:
+    """The inverse of `direction_bytes`: float64 directions."""
+    return np.asarray(codes).astype(np.float64) / 2
 
 
 def compare_levels(levels_w, levels_l) -> np.ndarray:

@@ -38,7 +38,7 @@ def min_equal_dims(threshold: float, n_dims: int) -> int:
 def packed_codes(levels: np.ndarray, n_levels: int = L) -> np.ndarray:
     """(N, D) levels -> (N, ceil(D * L / 8)) uint8 bit-packed one-hot codes (zero padded)."""
     levels = np.asarray(levels)
-    one_hot = np.eye(n_levels, dtype=bool)[levels.astype(np.int64) - 1].reshape(len(levels), -1)
+    one_hot = np.eye(n_levels, dtype=bool)[levels.astype(np.int64) - 1].reshape(len(levels), levels.shape[1] * n_levels)
     return np.packbits(one_hot, axis=1)
 
 
@@ -67,9 +67,12 @@ class LevelIndex:
         return self.index.ntotal
 
     def search(self, levels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(equal dims (Q, k) int32, row ids (Q, k) int64), most similar first."""
+        """(equal dims (Q, k) int32, row ids (Q, k) int64), most similar first; k is at most
+        the rows held (none for an empty index: a shard of a small pool may hold no row)."""
         levels = np.asarray(levels, dtype=np.uint8)
         k = min(k, len(self))
+        if k == 0:
+            return np.zeros((len(levels), 0), np.int32), np.zeros((len(levels), 0), np.int64)
         if self.kind == "binary":
             hamming, ids = self.index.search(packed_codes(levels), k)
             return (self.n_dims - hamming // 2).astype(np.int32), ids
