@@ -166,12 +166,22 @@ class TransformersTreeEngine(_TransformersEngine):
         rest = [(r.prefix[h:], r.branches) for r in requests]
         out: list[np.ndarray] = [None] * len(requests)
         for pack in plan_packs(rest, self.config.pack_tokens):
-            forest = pack_forest([rest[i] for i in pack], position_offset=h)
-            self.tokens_computed += len(forest)
-            logprobs = _option_logprobs(self._branch_logits(forest, h), self.option_ids)
-            for i, part in zip(pack, np.split(logprobs, np.cumsum(forest.counts)[:-1])):
+            for i, part in zip(pack, self._score_pack([rest[i] for i in pack], h)):
                 out[i] = part
         return out
+
+    def _score_pack(self, pack: list[tuple[list[int], list[list[int]]]], h: int) -> list[np.ndarray]:
+        """Option log-probs of each (prefix, branches) of one pack. A NaN in one response (a bad
+        weight its tokens reach) spreads to the whole pack through attention, where a masked key
+        still adds 0 x NaN; such a pack is scored again one response at a time, so only the
+        response it comes from gets NaN (and is rejected)."""
+        forest = pack_forest(pack, position_offset=h)
+        self.tokens_computed += len(forest)
+        logprobs = _option_logprobs(self._branch_logits(forest, h), self.option_ids)
+        parts = np.split(logprobs, np.cumsum(forest.counts)[:-1])
+        if len(pack) > 1 and np.isnan(logprobs).any():
+            return [part for one in pack for part in self._score_pack([one], h)]
+        return parts
 
     def _reuse_shared_prefix(self, prefixes: list[list[int]]) -> int:
         """Length of the cached prefix that every request starts with. The cache only ever
