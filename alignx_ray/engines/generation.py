@@ -15,6 +15,7 @@ class VllmGenerator:
         self.llm = load_vllm(
             model_path, config.dtype, config.vllm, config.vllm_env, enable_prefix_caching=config.prefix_caching
         )
+        self.max_prompt_tokens = self.llm.model_config.max_model_len - 1  # room for one answer token at least
 
     def generate(
         self, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float, json_schema: dict | None = None
