@@ -190,7 +190,7 @@ def run_demographics(
 ) -> dict:
     """P_DEMO for every pair; resumable by `pair_id`; unusable answers counted by reason."""
     started = time.time()
-    map_resumable(
+    faults = map_resumable(
         pairs_dir / "data",
         out_dir / "data",
         "pair_id",
@@ -216,4 +216,5 @@ def run_demographics(
         "attempts_mean": round(pc.mean(table["demo_attempts"]).as_py() or 0, 2),
         "reasons": dict(reasons),
         "seconds": round(time.time() - started, 2),
+        **faults,
     }

@@ -238,7 +238,7 @@ def run_personas(config: PersonaConfig, annotate_dir: Path, pairs_dir: Path, out
     """P_UGC and P_PAIR for every pair; resumable by `pair_id`."""
     started = time.time()
     pools = compact_pools.remote(annotate_dir.resolve(), pairs_dir.resolve())
-    map_resumable(
+    faults = map_resumable(
         pairs_dir / "data",
         out_dir / "data",
         "pair_id",
@@ -266,6 +266,7 @@ def run_personas(config: PersonaConfig, annotate_dir: Path, pairs_dir: Path, out
         "pair_items_mean": round(sizes["pair_items_mean"] or 0, 2),
         "without_ugc": sizes["without_ugc"] or 0,
         "without_pair": sizes["without_pair"] or 0,
+        **faults,
     }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignx_ray.engines.scoring import EngineConfig, load_vllm
+from alignx_ray.engines.scoring import EngineConfig, engine_call, load_vllm
 
 
 class VllmGenerator:
@@ -29,5 +29,6 @@ class VllmGenerator:
             SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured_outputs=structured)
             for seed in seeds
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with engine_call():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [(o.outputs[0].text, o.outputs[0].finish_reason != "length") for o in outputs]
