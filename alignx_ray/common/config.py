@@ -56,6 +56,9 @@ class PoolConfig(Section):
         replaced before the job fails with the constructor's error.
     batch_timeout_s: a batch still running after this many seconds ends its actor's process,
         so that Ray retries the batch on a fresh actor (a hung engine); None: no limit.
+    node_loss_reruns: how many times the stage runs again, skipping the rows it wrote, after a
+        lost node failed it (outputs on that node that Ray could not rebuild while their actor
+        restarted: ActorUnavailableError, ObjectLostError).
     """
 
     batch_size: int
@@ -67,6 +70,7 @@ class PoolConfig(Section):
     max_task_retries: int = 4
     init_retries: int = 2
     batch_timeout_s: float | None = 1800
+    node_loss_reruns: int = 3
 
 
 class SpaceConfig(Section):

@@ -47,7 +47,11 @@ def init_ray(config: RayConfig):
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=config.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=False)
+        # "local": a new instance even when a `ray start` cluster runs on this machine, which
+        # ray.init() would otherwise join (and refuse num_cpus for).
+        ray.init(
+            address="local", num_cpus=config.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=False
+        )
         _local_resources = ray.cluster_resources()
         # Ray Data's V2 Parquet reader starts 32 footer-reading actors per read (sized for an
         # object store's latency); on a local instance each is a new Python process, and a
@@ -216,7 +220,9 @@ def map_resumable(
     that dies (killed, pre-empted, a hung batch, a dead engine) is restarted and its batch sent
     again, at most `pool.max_restarts` / `pool.max_task_retries` times; a batch is written once.
     A constructor that fails is tried on `pool.init_retries` more actors; then the stage fails
-    (`StageFailed`) with its error.
+    (`StageFailed`) with its error. A run that fails because a node was lost (block outputs on
+    it that Ray cannot rebuild while their actor restarts) runs again, at most
+    `pool.node_loss_reruns` times, skipping the rows it wrote, as a resubmitted job would.
     """
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
@@ -231,19 +237,27 @@ def map_resumable(
         delete_checkpoint_on_success=False,
     )
     ctx.max_consecutive_actor_init_deaths = pool.init_retries
+    node_lost = (ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
     try:
-        ds = ray.data.read_parquet(str(source.resolve()))
-        if columns is not None:
-            ds = ds.select_columns(columns)
-        ds = ds.map_batches(
-            guarded(udf),
-            fn_constructor_kwargs=dict(
-                udf_kwargs=udf_kwargs, batch_timeout_s=pool.batch_timeout_s, ledger=str(ledger.resolve())
-            ),
-            batch_format="pyarrow",
-            **actor_pool_args(pool),
-        )
-        ds.write_parquet(str(output.resolve()))
+        for reruns_left in range(pool.node_loss_reruns, -1, -1):
+            ds = ray.data.read_parquet(str(source.resolve()))
+            if columns is not None:
+                ds = ds.select_columns(columns)
+            ds = ds.map_batches(
+                guarded(udf),
+                fn_constructor_kwargs=dict(
+                    udf_kwargs=udf_kwargs, batch_timeout_s=pool.batch_timeout_s, ledger=str(ledger.resolve())
+                ),
+                batch_format="pyarrow",
+                **actor_pool_args(pool),
+            )
+            try:
+                ds.write_parquet(str(output.resolve()))
+                break
+            except node_lost as e:
+                if not reruns_left:
+                    raise
+                logger.warning("%s: a node was lost (%s); running again without the rows written", udf.__name__, e)
     except Exception as e:
         exits = exit_records(ledger)
         why = f"; its actors ended themselves {len(exits)} times, the last: {exits[-1]['detail']}" if exits else ""
