@@ -33,7 +33,7 @@ from alignx_ray.build.universal import UniversalConfig, run_universal
 from alignx_ray.common.config import RayConfig, Section, SpaceConfig
 from alignx_ray.common.lease import LeaseConfig, RunLease
 from alignx_ray.common.prompts import PromptTemplates
-from alignx_ray.common.raydata import claim_workdir, init_ray
+from alignx_ray.common.raydata import claim_workdir, error_summary, init_ray
 from alignx_ray.common.seeding import fingerprint
 from alignx_ray.engines.logprobs import reward_margin
 from alignx_ray.evaluate.accuracy import run_evaluation, score_resumable
@@ -128,6 +128,7 @@ def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: 
 
     A stage left half-done under the same key resumes (status "resumed": it keeps the rows or
     the training checkpoint it had saved); one begun under another key is wiped ("computed").
+    A stage that fails is reported ("failed", with its error) before the error goes on.
     """
     manifest = read_manifest(stage_dir)
     if manifest and manifest.get("fingerprint") == key:
@@ -135,7 +136,13 @@ def run_stage(report: RunReport, name: str, stage_dir: Path, key: str, compute: 
     else:
         started = time.time()
         resumed = claim_workdir(stage_dir, key)
-        figures = {**compute(), "fingerprint": key, "stage_seconds": round(time.time() - started, 2)}
+        try:
+            computed = compute()
+        except Exception as e:
+            seconds = round(time.time() - started, 2)
+            report.add(name, {"status": "failed", "error": error_summary(e), "stage_seconds": seconds})
+            raise
+        figures = {**computed, "fingerprint": key, "stage_seconds": round(time.time() - started, 2)}
         (stage_dir / "_manifest.json").write_text(json.dumps(figures, indent=1, default=str))
         figures = {**figures, "status": "resumed" if resumed else "computed"}
     report.add(name, figures)

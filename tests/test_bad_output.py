@@ -57,10 +57,12 @@ def test_unusable_logprobs_give_a_reason_not_a_label(value, reason):
     assert why.startswith(reason) and why.endswith(": 2 of 270 option log-probs (first at dimension 7, option 2)")
 
 
-def test_a_response_the_engine_scores_nan_is_rejected_alone(tiny_model_dir, tiny_tokenizer, bank):
+@pytest.mark.parametrize("kind", ["transformers-plain", "transformers"])
+def test_a_response_the_engine_scores_nan_is_rejected_alone(kind, tiny_model_dir, tiny_tokenizer, bank):
     """A real model whose embedding of one token only the second response has is NaN: that
-    response's log-probs are NaN, the others' are untouched (one prompt per branch)."""
-    engine = make_engine(cpu_engine(kind="transformers-plain"), str(tiny_model_dir), tiny_tokenizer)
+    response's log-probs are NaN, the others' are untouched (one prompt per branch; in a packed
+    forest, where the NaN reaches the whole pack, by scoring that pack again response by response)."""
+    engine = make_engine(cpu_engine(kind=kind), str(tiny_model_dir), tiny_tokenizer)
     clean = label_batch(engine, bank, POSTS, COMMENTS)
     elsewhere = {t for q in bank.questions for t in q} | {t for i in (0, 2) for t in bank.prefix(POSTS[i], COMMENTS[i])}
     token = next(t for t in bank.prefix(POSTS[1], COMMENTS[1]) if t not in elsewhere)

@@ -102,6 +102,21 @@ def test_structured_decoding_on_vllm_gives_schema_json(generator, tiny_tokenizer
     assert again.to_pylist() == rows  # seeds come from pair ids: a re-run samples the same answers
 
 
+def test_a_prompt_over_max_model_len_goes_on_without_p_demo(generator, tiny_tokenizer):
+    """vLLM fails a whole call for one prompt over max_model_len: that pair is not sent, and
+    goes on without P_DEMO with its reason, while the rest of its batch is answered."""
+    pairs = demo_pairs(3)
+    chosen = pairs["chosen"].to_pylist()
+    chosen[1] = "I love painting, every day and every night. " * 500
+    pairs = pairs.set_column(pairs.schema.get_field_index("chosen"), "chosen", pa.array(chosen))
+    config = DemographicsConfig(attempts=1)
+    rows = demographics_batch(generator, tiny_tokenizer, pairs, config, prompts.PromptTemplates()).to_pylist()
+    assert rows[1]["reject_reason"].startswith("prompt_too_long: ")
+    assert rows[1]["reject_reason"].endswith(f"> {generator.max_prompt_tokens}")
+    assert rows[1]["demo_attempts"] == 0 and rows[1]["demo_raw"] is None
+    assert all(rows[i]["demo_attempts"] == 1 and rows[i]["demo_raw"] for i in (0, 2))
+
+
 @pytest.fixture(scope="module")
 def annotated_dir(tmp_path_factory):
     """Planted levels as the annotation (the annotator's own accuracy is tested elsewhere),

@@ -92,7 +92,7 @@ def run_annotate(
     """
     started = time.time()
     written_before = set((out_dir / "data").glob("*.parquet"))
-    map_resumable(
+    faults = map_resumable(
         responses_dir,
         out_dir / "data",
         "response_id",
@@ -100,7 +100,7 @@ def run_annotate(
         dict(config=config, model_path=model_path, templates=templates, space=space),
         config.pool,
     )
-    return finish_stage(out_dir, "annotate", started, written_before)
+    return {**finish_stage(out_dir, "annotate", started, written_before), **faults}
 
 
 def finish_stage(out_dir: Path, stage: str, started: float, written_before: set[Path] = frozenset()) -> dict:

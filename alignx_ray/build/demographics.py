@@ -6,7 +6,8 @@ labels for the dimensions it can observe, and liked / disliked interest keywords
 and keywords map to a direction over the space; the persona is kept when that direction is
 consistent with the pair's (`personas.consistent`). An unusable or inconsistent answer is
 sampled again with the next seed; after `attempts` the pair goes on without P_DEMO and the
-reason is recorded in `_rejected`.
+reason is recorded in `_rejected`. A pair whose prompt is over the engine's max_model_len is
+not sent (vLLM would fail its whole batch) and goes on without P_DEMO too, with its reason.
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ def demographics_batch(
     """P_DEMO for a batch of pairs: up to `attempts` answers each, retried pairs only."""
     rows = pairs.select(["pair_id", "prompt", "chosen", "rejected", "direction"]).to_pylist()
     schema = prompts.demographic_json_schema(space)
+    texts = {
+        r["pair_id"]: prompts.render_chat(
+            tokenizer, prompts.demographic_prompt(templates, r["prompt"], r["chosen"], r["rejected"], space)
+        )
+        for r in rows
+    }
+    lengths = {pair: len(tokenizer.encode(text, add_special_tokens=False)) for pair, text in texts.items()}
+    limit = generator.max_prompt_tokens
     out = {
         r["pair_id"]: {
             "pair_id": r["pair_id"],
@@ -128,22 +137,20 @@ def demographics_batch(
             "demo_direction": None,
             "demo_raw": None,
             "demo_attempts": 0,
-            "reject_reason": None,
+            "reject_reason": None
+            if lengths[r["pair_id"]] <= limit
+            else f"prompt_too_long: {lengths[r['pair_id']]} tokens > {limit}",
         }
         for r in rows
     }
-    pending = rows
+    pending = [r for r in rows if out[r["pair_id"]]["reject_reason"] is None]
     for attempt in range(config.attempts):
         if not pending:
             break
-        texts = [
-            prompts.render_chat(
-                tokenizer, prompts.demographic_prompt(templates, r["prompt"], r["chosen"], r["rejected"], space)
-            )
-            for r in pending
-        ]
         seeds = [int(seeded_rng("demo", config.seed, r["pair_id"], attempt).integers(1 << 31)) for r in pending]
-        answers = generator.generate(texts, seeds, config.max_tokens, config.temperature, schema)
+        answers = generator.generate(
+            [texts[r["pair_id"]] for r in pending], seeds, config.max_tokens, config.temperature, schema
+        )
         still = []
         for r, (text, finished) in zip(pending, answers):
             persona, direction, reason = judge_answer(text, finished, np.asarray(r["direction"]), space)
@@ -183,7 +190,7 @@ def run_demographics(
 ) -> dict:
     """P_DEMO for every pair; resumable by `pair_id`; unusable answers counted by reason."""
     started = time.time()
-    map_resumable(
+    faults = map_resumable(
         pairs_dir / "data",
         out_dir / "data",
         "pair_id",
@@ -209,4 +216,5 @@ def run_demographics(
         "attempts_mean": round(pc.mean(table["demo_attempts"]).as_py() or 0, 2),
         "reasons": dict(reasons),
         "seconds": round(time.time() - started, 2),
+        **faults,
     }

@@ -38,7 +38,7 @@ from ray.data.datasource import FilenameProvider
 from transformers import AutoTokenizer
 
 from alignx_ray.common.config import PoolConfig, Section
-from alignx_ray.common.raydata import as_rejected, fit_local, shuffle_partitions, write_parquet
+from alignx_ray.common.raydata import actor_pool_args, as_rejected, shuffle_partitions, write_parquet
 from alignx_ray.common.schema import REJECTED_SCHEMA, RESPONSES_SCHEMA
 
 
@@ -476,8 +476,6 @@ def run_ingest(config: IngestConfig, input_uri: str, out_dir, tokenizer: str) ->
     if files:
         first = next(records_of(fs, files), None)
         fmt = detect_format(first) if config.format == "auto" and first else config.format
-        num_cpus, _ = fit_local(config.pool.num_cpus, 0)
-        low, high = config.pool.concurrency
         keyed = ray.data.read_binary_files(files, filesystem=fs, include_paths=True).map_batches(
             parse_files, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="pyarrow"
         )
@@ -487,10 +485,8 @@ def run_ingest(config: IngestConfig, input_uri: str, out_dir, tokenizer: str) ->
         validated = threads.map_batches(
             ValidateThreads,
             fn_constructor_kwargs={"config": config, "tokenizer": tokenizer},
-            batch_size=config.pool.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            num_cpus=num_cpus,
+            **actor_pool_args(config.pool),
         )
         deduped = validated.groupby("group", num_partitions=partitions).map_groups(
             first_responses, batch_format="pyarrow"

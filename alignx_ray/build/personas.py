@@ -427,7 +427,7 @@ def run_personas(config: PersonaConfig, annotate_dir: Path, pairs_dir: Path, out
         (PersonaUDF, dict(shard_ref=[shard], config=config, carried=s > 0, last=s == len(shards) - 1))
         for s, shard in enumerate(shards)
     ]
-    map_resumable(
+    faults = map_resumable(
         pairs_dir / "data",
         out_dir / "data",
         "pair_id",
@@ -455,6 +455,7 @@ def run_personas(config: PersonaConfig, annotate_dir: Path, pairs_dir: Path, out
         "pair_items_mean": round(sizes["pair_items_mean"] or 0, 2),
         "without_ugc": sizes["without_ugc"] or 0,
         "without_pair": sizes["without_pair"] or 0,
+        **faults,
     }
 
 

@@ -46,7 +46,7 @@ from ray.data.aggregate import Count, Sum
 from alignx_ray.build.personas import consistent, item_lists, list_matrix, vote
 from alignx_ray.build.public_pairs import STAGE, read_universal, source_dimensions
 from alignx_ray.common.config import PoolConfig, Section, resolve_local
-from alignx_ray.common.raydata import fit_local, write_parquet, write_rejected
+from alignx_ray.common.raydata import actor_pool_args, write_parquet, write_rejected
 from alignx_ray.common.schema import PERSONAS_SCHEMA
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL, PreferenceSpace
@@ -297,16 +297,12 @@ def run_universal(config: UniversalConfig, space: PreferenceSpace, out_dir: Path
     tasks = [read_source.remote(source, files, space, out_dir.resolve()) for source, files in paths.items()]
     figures = dict(zip(paths, ray.get(tasks)))
     groups = peer_groups.remote(pairs_dir.resolve(), space)
-    num_cpus, _ = fit_local(config.pool.num_cpus, 0)
-    low, high = config.pool.concurrency
     pairs = ray.data.read_parquet(str(pairs_dir.resolve())).select_columns(["pair_id", "thread_id", "source"])
     personas = pairs.map_batches(
         PeerPersonaUDF,
         fn_constructor_kwargs=dict(groups_ref=[groups], config=config),
-        batch_size=config.pool.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        num_cpus=num_cpus,
+        **actor_pool_args(config.pool),
     )
     write_parquet(personas, staging)
     personas_dir.mkdir(parents=True)

@@ -45,12 +45,32 @@ class PoolConfig(Section):
         and an autoscaling cluster adds nodes for the actors it cannot place.
     num_cpus / num_gpus: resources each actor holds (num_gpus = tensor_parallel_size for an
         engine on GPUs; the CPU build of vLLM uses num_cpus torch threads).
+    resources: custom Ray resources each actor holds (e.g. {"engine": 1}: only nodes that
+        offer it, such as one GPU node type of an autoscaling cluster, get the actors).
+    max_restarts: how many times Ray restarts an actor whose process died (killed, its node
+        pre-empted, its engine dead, a batch over `batch_timeout_s`); -1: without limit; 0: the
+        first death fails the job.
+    max_task_retries: how many times a batch whose actor died is sent again (to the restarted
+        actor); -1: without limit. A batch is written once, whichever attempt finishes it.
+    init_retries: actors whose constructor fails (a model path missing on a node) that are
+        replaced before the job fails with the constructor's error.
+    batch_timeout_s: a batch still running after this many seconds ends its actor's process,
+        so that Ray retries the batch on a fresh actor (a hung engine); None: no limit.
+    node_loss_reruns: how many times the stage runs again, skipping the rows it wrote, after a
+        lost node failed it (outputs on that node that Ray could not rebuild while their actor
+        restarted: ActorUnavailableError, ObjectLostError).
     """
 
     batch_size: int
     concurrency: tuple[int, int] = (1, 8)
     num_cpus: float = 1
     num_gpus: float = 0
+    resources: dict[str, float] = {}
+    max_restarts: int = 4
+    max_task_retries: int = 4
+    init_retries: int = 2
+    batch_timeout_s: float | None = 1800
+    node_loss_reruns: int = 3
 
 
 class SpaceConfig(Section):

@@ -1,7 +1,9 @@
 """What every Ray stage shares: joining the cluster, the resumable actor-pool map, rejects.
 
 An actor stage maps a pool of stateful actors (one engine or index each) over a parquet
-table, checkpointed by a stable id column, so a re-run skips the rows it had written.
+table, checkpointed by a stable id column, so a re-run skips the rows it had written. Its
+actors are guarded (`ActorGuard`): a hung batch or a dead engine ends the actor's process, and
+Ray restarts it and sends the batch again, within the pool's bounds (`PoolConfig`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +48,11 @@ def init_ray(config: RayConfig):
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=config.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=False)
+        # "local": a new instance even when a `ray start` cluster runs on this machine, which
+        # ray.init() would otherwise join (and refuse num_cpus for).
+        ray.init(
+            address="local", num_cpus=config.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=False
+        )
         _local_resources = ray.cluster_resources()
         # Ray Data's V2 Parquet reader starts 32 footer-reading actors per read (sized for an
         # object store's latency); on a local instance each is a new Python process, and a
@@ -97,6 +108,101 @@ def shuffle_partitions(*folders: Path, size: int = 0, partition_bytes: int = 256
     return max(1, int(cpus) // 2, -(-size // partition_bytes))
 
 
+class EngineFailure(RuntimeError):
+    """An engine that cannot serve any more (its process died, or a step failed inside it):
+    only a fresh actor can go on. Engines raise it from the error, and `ActorGuard` exits."""
+
+
+class StageFailed(RuntimeError):
+    """An actor stage that could not finish: the reason, and why its actors exited."""
+
+
+# The exit status of an actor that ended itself (a hung batch, a dead engine): not 0, so Ray
+# counts a crash and restarts it, as it does for a killed or pre-empted one.
+GUARD_EXIT_STATUS = 75
+
+
+class ActorGuard:
+    """A stage's UDF (`udf`, set per stage by `guarded`) inside its actor. A batch still running
+    after `batch_timeout_s`, or an `EngineFailure`, ends the process after a record in the
+    stage's fault ledger (`ledger`, a folder): Ray treats that as a crash, restarts the actor
+    and sends the batch again. Exiting is the only way out of a call hung in native code, and a
+    dead engine is never reused."""
+
+    udf: type
+
+    def __init__(self, udf_kwargs: dict, batch_timeout_s: float | None, ledger: str):
+        self.batch_timeout_s = batch_timeout_s
+        self.ledger = Path(ledger)
+        self.inner = self.udf(**udf_kwargs)
+
+    def __call__(self, batch):
+        finished = threading.Event()
+        if self.batch_timeout_s is not None:
+            rows = getattr(batch, "num_rows", len(batch))
+            threading.Thread(target=self._watch, args=(finished, rows), daemon=True).start()
+        try:
+            return self.inner(batch)
+        except EngineFailure as e:
+            self._exit("engine_failed", f"{e} ({e.__cause__!r})")
+        finally:
+            finished.set()
+
+    def _watch(self, finished: threading.Event, rows: int) -> None:
+        if not finished.wait(self.batch_timeout_s):
+            self._exit("batch_timeout", f"a batch of {rows} rows ran over batch_timeout_s={self.batch_timeout_s}")
+
+    def _exit(self, reason: str, detail: str) -> None:
+        """Record why, end the processes this actor started (an engine core hung or dead must
+        not outlive it), then its own."""
+        import psutil
+
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        record = {"reason": reason, "detail": detail, "pid": os.getpid(), "time": time.time()}
+        (self.ledger / f"{uuid.uuid4().hex}.json").write_text(json.dumps(record))
+        print(f"{self.udf.__name__} actor exits, for Ray to replace: {reason}: {detail}", file=sys.stderr, flush=True)
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        os._exit(GUARD_EXIT_STATUS)
+
+
+def guarded(udf: type) -> type:
+    """`udf` wrapped in `ActorGuard`, under its own name (Ray Data names the stage after it)."""
+    return type(udf.__name__, (ActorGuard,), {"udf": udf, "__qualname__": udf.__qualname__})
+
+
+def exit_records(ledger: Path) -> list[dict]:
+    """The actors of a stage that ended themselves (`ActorGuard`'s records), oldest first."""
+    return sorted((json.loads(f.read_text()) for f in ledger.glob("*.json")), key=lambda r: r["time"])
+
+
+def actor_pool_args(pool: PoolConfig) -> dict:
+    """`map_batches` arguments of an actor pool: its size, each actor's resources (capped on a
+    local instance, see `fit_local`) and how Ray restarts actors and retries their batches."""
+    import ray.data
+
+    num_cpus, num_gpus = fit_local(pool.num_cpus, pool.num_gpus)
+    resources = dict(pool.resources)
+    if _local_resources is not None and resources:
+        missing = [k for k in resources if k not in _local_resources]
+        if missing:
+            logger.warning("local Ray instance: no %s resource; actors placed without it", missing)
+        resources = {k: v for k, v in resources.items() if k in _local_resources}
+    low, high = pool.concurrency
+    args = dict(
+        batch_size=pool.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=pool.max_restarts,
+    )
+    if resources:
+        args["resources"] = resources
+    if pool.max_restarts != 0:  # Ray accepts task retries only for actors it restarts
+        args["max_task_retries"] = pool.max_task_retries
+    return args
+
+
 def map_resumable(
     source: Path,
     output: Path,
@@ -106,42 +212,72 @@ def map_resumable(
     pool: PoolConfig,
     columns: list[str] | None = None,
     then: Sequence[tuple[type, dict]] = (),
-) -> None:
+) -> dict:
     """read_parquet(source) -> map_batches(udf actors) -> write_parquet(output), checkpointed;
     `columns`: only these reach the actors (None: all); `then`: further actor stages, each
     (class, constructor kwargs) in the same pool config, through which the rows pass in turn.
+    Returns the stage's fault figures: `actor_exits`, the actors that ended themselves, by reason.
 
     Ray Data's CheckpointConfig records the ids of written rows beside `output` and filters
-    them out of the input of a re-run (two-phase commit), so a killed stage resumes.
+    them out of the input of a re-run (two-phase commit), so a killed stage resumes. An actor
+    that dies (killed, pre-empted, a hung batch, a dead engine) is restarted and its batch sent
+    again, at most `pool.max_restarts` / `pool.max_task_retries` times; a batch is written once.
+    A constructor that fails is tried on `pool.init_retries` more actors; then the stage fails
+    (`StageFailed`) with its error. A run that fails because a node was lost (block outputs on
+    it that Ray cannot rebuild while their actor restarts) runs again, at most
+    `pool.node_loss_reruns` times, skipping the rows it wrote, as a resubmitted job would.
     """
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
+    ledger = output.parent / "_faults"
+    shutil.rmtree(ledger, ignore_errors=True)
     ctx = ray.data.DataContext.get_current()
+    init_deaths = ctx.max_consecutive_actor_init_deaths
     ctx.checkpoint_config = CheckpointConfig(
         id_column=id_column,
         checkpoint_path=str((output.parent / "_checkpoint").resolve()),
         delete_checkpoint_on_success=False,
     )
-    num_cpus, num_gpus = fit_local(pool.num_cpus, pool.num_gpus)
+    ctx.max_consecutive_actor_init_deaths = pool.init_retries
+    node_lost = (ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
     try:
-        ds = ray.data.read_parquet(str(source.resolve()))
-        if columns is not None:
-            ds = ds.select_columns(columns)
-        low, high = pool.concurrency
-        for stage, kwargs in [(udf, udf_kwargs), *then]:
-            ds = ds.map_batches(
-                stage,
-                fn_constructor_kwargs=kwargs,
-                batch_size=pool.batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-            )
-        ds.write_parquet(str(output.resolve()))
+        for reruns_left in range(pool.node_loss_reruns, -1, -1):
+            ds = ray.data.read_parquet(str(source.resolve()))
+            if columns is not None:
+                ds = ds.select_columns(columns)
+            for stage, kwargs in [(udf, udf_kwargs), *then]:
+                ds = ds.map_batches(
+                    guarded(stage),
+                    fn_constructor_kwargs=dict(
+                        udf_kwargs=kwargs, batch_timeout_s=pool.batch_timeout_s, ledger=str(ledger.resolve())
+                    ),
+                    batch_format="pyarrow",
+                    **actor_pool_args(pool),
+                )
+            try:
+                ds.write_parquet(str(output.resolve()))
+                break
+            except node_lost as e:
+                if not reruns_left:
+                    raise
+                logger.warning("%s: a node was lost (%s); running again without the rows written", udf.__name__, e)
+    except Exception as e:
+        exits = exit_records(ledger)
+        why = f"; its actors ended themselves {len(exits)} times, the last: {exits[-1]['detail']}" if exits else ""
+        raise StageFailed(f"{udf.__name__}: {error_summary(e)}{why}") from e
     finally:
         ctx.checkpoint_config = None
+        ctx.max_consecutive_actor_init_deaths = init_deaths
+    return {"actor_exits": dict(Counter(r["reason"] for r in exit_records(ledger)))}
+
+
+def error_summary(error: BaseException) -> str:
+    """The line of an error that says what went wrong: Ray wraps a worker's error in its
+    traceback, whose last `Name: message` line is the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if line.split(":", 1)[0].replace(".", "").isidentifier() and ": " in line]
+    return f"{type(error).__name__}: {causes[-1] if causes else (lines[-1] if lines else '')}"
 
 
 def write_parquet(ds, folder: Path, rows_per_group: int = 4096) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignx_ray.engines.scoring import EngineConfig, load_vllm
+from alignx_ray.engines.scoring import EngineConfig, engine_call, load_vllm
 
 
 class VllmGenerator:
@@ -15,6 +15,7 @@ class VllmGenerator:
         self.llm = load_vllm(
             model_path, config.dtype, config.vllm, config.vllm_env, enable_prefix_caching=config.prefix_caching
         )
+        self.max_prompt_tokens = self.llm.model_config.max_model_len - 1  # room for one answer token at least
 
     def generate(
         self, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float, json_schema: dict | None = None
@@ -28,5 +29,6 @@ class VllmGenerator:
             SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured_outputs=structured)
             for seed in seeds
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with engine_call():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [(o.outputs[0].text, o.outputs[0].finish_reason != "length") for o in outputs]

@@ -12,11 +12,14 @@ All engines take token ids, never text, so every engine scores exactly the same 
   options' log-probabilities read back (restricted to the three tokens).
 
 Engines return log-probabilities, never probabilities: `engines.labelling` renormalises them
-and rejects a response whose values are NaN, infinite or missing, rather than label it.
+and rejects a response whose values are NaN, infinite or missing, rather than label it. A vLLM
+engine that fails inside (its engine core dead, a step raising) raises `EngineFailure`, so its
+actor is replaced rather than reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ import torch
 
 from alignx_ray.common.config import Section
 from alignx_ray.common.prompts import option_token_ids
+from alignx_ray.common.raydata import EngineFailure
 from alignx_ray.engines.prefix_forest import (
     PackedForest,
     additive_mask,
@@ -166,12 +170,22 @@ class TransformersTreeEngine(_TransformersEngine):
         rest = [(r.prefix[h:], r.branches) for r in requests]
         out: list[np.ndarray] = [None] * len(requests)
         for pack in plan_packs(rest, self.config.pack_tokens):
-            forest = pack_forest([rest[i] for i in pack], position_offset=h)
-            self.tokens_computed += len(forest)
-            logprobs = _option_logprobs(self._branch_logits(forest, h), self.option_ids)
-            for i, part in zip(pack, np.split(logprobs, np.cumsum(forest.counts)[:-1])):
+            for i, part in zip(pack, self._score_pack([rest[i] for i in pack], h)):
                 out[i] = part
         return out
+
+    def _score_pack(self, pack: list[tuple[list[int], list[list[int]]]], h: int) -> list[np.ndarray]:
+        """Option log-probs of each (prefix, branches) of one pack. A NaN in one response (a bad
+        weight its tokens reach) spreads to the whole pack through attention, where a masked key
+        still adds 0 x NaN; such a pack is scored again one response at a time, so only the
+        response it comes from gets NaN (and is rejected)."""
+        forest = pack_forest(pack, position_offset=h)
+        self.tokens_computed += len(forest)
+        logprobs = _option_logprobs(self._branch_logits(forest, h), self.option_ids)
+        parts = np.split(logprobs, np.cumsum(forest.counts)[:-1])
+        if len(pack) > 1 and np.isnan(logprobs).any():
+            return [part for one in pack for part in self._score_pack([one], h)]
+        return parts
 
     def _reuse_shared_prefix(self, prefixes: list[list[int]]) -> int:
         """Length of the cached prefix that every request starts with. The cache only ever
@@ -263,12 +277,27 @@ class TransformersPlainEngine(_TransformersEngine):
 
 
 def load_vllm(model_path: str, dtype: str, engine_kwargs: dict | None, env: dict[str, str] | None, **defaults):
-    """An offline `vllm.LLM`; `env` is set first (the CPU build reads its KV-cache size from it)."""
+    """An offline `vllm.LLM`; `env` is set first (the CPU build reads its KV-cache size from it,
+    and VLLM_ENABLE_V1_MULTIPROCESSING puts the engine core in a process of its own or not)."""
     for key, value in (env or {}).items():
-        os.environ.setdefault(key, str(value))
+        os.environ[key] = str(value)
     from vllm import LLM
 
     return LLM(model=model_path, dtype=dtype, **{"disable_log_stats": False, **defaults, **(engine_kwargs or {})})
+
+
+@contextlib.contextmanager
+def engine_call():
+    """A vLLM call whose failure inside the engine (vLLM's EngineDeadError when the engine core
+    process died, any error of a step) becomes `EngineFailure`. A ValueError passes as it is:
+    vLLM refuses a bad request (a prompt over max_model_len) before running it, and a fresh
+    engine would refuse it too."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as e:
+        raise EngineFailure(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
 
 
 class VllmEngine:
@@ -305,10 +334,11 @@ class VllmEngine:
         self.cached_tokens: list[int | None] = []
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        if self.prefix_caching:  # warm every prefix first, so all its branches hit the cache
-            self.llm.generate([{"prompt_token_ids": r.prefix} for r in requests], self.warm, use_tqdm=False)
         prompts = [{"prompt_token_ids": r.prefix + b} for r in requests for b in r.branches]
-        outputs = iter(self.llm.generate(prompts, self.params, use_tqdm=False))
+        with engine_call():
+            if self.prefix_caching:  # warm every prefix first, so all its branches hit the cache
+                self.llm.generate([{"prompt_token_ids": r.prefix} for r in requests], self.warm, use_tqdm=False)
+            outputs = iter(self.llm.generate(prompts, self.params, use_tqdm=False))
         result, self.cached_tokens = [], []
         for r in requests:
             rows, cached = [], []

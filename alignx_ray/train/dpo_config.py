@@ -69,6 +69,9 @@ class TrainConfig(Section):
     num_workers / use_gpu / cpus_per_worker: the Ray Train worker group.
     storage_path: where Ray Train keeps checkpoints, local or s3:// (None: the run directory);
         a resubmitted job with the same storage path and name resumes from the latest.
+    max_failures: worker-group failures (a worker process killed, its node lost) that Ray Train
+        recovers from inside the same job, restarting every worker from the latest checkpoint
+        (Ray Train's `FailureConfig`); -1: without limit; 0: the first fails the job.
     """
 
     method: Literal["ica", "pba"] = "ica"
@@ -84,3 +87,4 @@ class TrainConfig(Section):
     cpus_per_worker: float = 8
     storage_path: str | None = None
     name: str | None = None  # None: "alignxpert-<method>"
+    max_failures: int = 3

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from alignx_ray.common import prompts, schema
 from alignx_ray.common.config import resolve_local
-from alignx_ray.common.raydata import fit_local
+from alignx_ray.common.raydata import actor_pool_args
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import SPACE, PreferenceSpace
 from alignx_ray.train.dpo_config import TrainConfig
@@ -175,8 +175,6 @@ def prepare_training_data(
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [p for p in pieces if not part_path(out_dir, p["part"]).exists()]
     if todo:
-        num_cpus, _ = fit_local(config.prepare.num_cpus, 0)
-        low, high = config.prepare.concurrency
         ray.data.from_items(todo).map_batches(
             Renderer,
             fn_constructor_kwargs={
@@ -187,9 +185,7 @@ def prepare_training_data(
                 "seed": config.dpo.seed,
                 "out_dir": str(out_dir),
             },
-            batch_size=config.prepare.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            num_cpus=num_cpus,
+            **actor_pool_args(config.prepare),
         ).materialize()
     return {"examples": sum(p["rows"] for p in pieces), "parts": len(pieces)}

@@ -6,8 +6,10 @@ opens those parquet parts as a memory-mapped Arrow dataset (`training_dataset`),
 reports its own checkpoint folder to Ray Train, which merges the workers' files (model and
 each rank's ZeRO shards) into one checkpoint in storage. A resubmitted run with the same
 storage path and name gets the latest checkpoint back from Ray Train and resumes the
-Trainer from it (optimizer, scheduler, data order, step). The last report carries the final
-model and the training figures (loss, reward accuracy and margins).
+Trainer from it (optimizer, scheduler, data order, step). A worker that dies inside a job
+(`TrainConfig.max_failures`) has Ray Train restart the worker group the same way, from the
+latest checkpoint. The last report carries the final model and the training figures (loss,
+reward accuracy and margins, and `restarts`: the worker-group restarts inside this job).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from alignx_ray.common.config import resolve_local
@@ -22,6 +25,8 @@ from alignx_ray.train.dpo_config import TrainConfig
 from alignx_ray.train.dpo_data import prepared_parts
 
 FINAL_MARKER = "alignx_final.json"
+# In every checkpoint: the job that wrote it and how many times its worker group had started.
+STARTS_FILE = "alignx_starts.json"
 FIGURES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
@@ -89,17 +94,38 @@ def latest_figures(log_history: list[dict]) -> dict:
     return figures
 
 
+def group_starts(checkpoint_dir: Path | None, job: str) -> int:
+    """How many times this job's worker group has started, this start included: one more than
+    the latest checkpoint says when this job wrote it, else 1 (a new or resubmitted job)."""
+    record = checkpoint_dir / STARTS_FILE if checkpoint_dir else None
+    if record is None or not record.exists():
+        return 1
+    written = json.loads(record.read_text())
+    return written["starts"] + 1 if written["job"] == job else 1
+
+
 def train_loop(payload: dict) -> None:
-    """One Ray Train worker (the function Ray Train runs on every worker)."""
+    """One Ray Train worker (the function Ray Train runs on every worker). Its scratch folder
+    (the Trainer's checkpoints, the memory-mapped data) is removed once its last report has
+    uploaded what it keeps."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    scratch = Path(tempfile.mkdtemp(prefix=f"alignx-dpo-{rank}-"))
+    try:
+        train_in(scratch, payload, rank)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_in(scratch: Path, payload: dict, rank: int) -> None:
     import ray.train
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOTrainer
 
     config = TrainConfig.model_validate(payload["config"])
-    rank = ray.train.get_context().get_world_rank()
-    scratch = Path(tempfile.mkdtemp(prefix=f"alignx-dpo-{rank}-"))
     checkpoint = ray.train.get_checkpoint()
-    resume_from, resume_step = None, 0
+    resume_from, resume_step, starts = None, 0, 1
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             if (Path(d) / FINAL_MARKER).exists():  # finished before: report it again
@@ -108,13 +134,18 @@ def train_loop(payload: dict) -> None:
             resume_from = scratch / "resume"
             shutil.copytree(d, resume_from)
             resume_step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
+            starts = group_starts(resume_from, payload["job"])
+    counted = {"job": payload["job"], "starts": starts}
 
     class ReportCheckpoints(TrainerCallback):
-        """Every Trainer save becomes a Ray Train checkpoint (each rank reports its files)."""
+        """Every Trainer save becomes a Ray Train checkpoint (each rank reports its files; rank
+        0 adds how many times this job's worker group has started)."""
 
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            metrics = {"step": state.global_step, **latest_figures(state.log_history)}
+            if rank == 0:
+                (folder / STARTS_FILE).write_text(json.dumps(counted))
+            metrics = {"step": state.global_step, "restarts": starts - 1, **latest_figures(state.log_history)}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     args = dpo_args(config, scratch / "out", payload["deepspeed"])
@@ -134,6 +165,7 @@ def train_loop(payload: dict) -> None:
         "step": trainer.state.global_step,
         "examples": len(examples),
         "resumed_from_step": resume_step,
+        "restarts": starts - 1,
         **latest_figures(trainer.state.log_history),
     }
     if rank == 0:
@@ -146,7 +178,7 @@ def run_training(config: TrainConfig, model: str, prepared: str, storage_path: s
     """Run (or resume) DPO on Ray Train on the examples `prepare_training_data` wrote to
     `prepared` (a folder every worker can read); return (figures, `out_dir/model`, the final
     model)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     deepspeed = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else None  # read here: the
@@ -158,12 +190,17 @@ def run_training(config: TrainConfig, model: str, prepared: str, storage_path: s
             "model": resolve_local(model),
             "prepared": resolve_local(prepared),
             "deepspeed": deepspeed,
+            "job": uuid.uuid4().hex,  # tells this job's checkpoints from a resubmitted one's
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        run_config=RunConfig(name=config.name or f"alignxpert-{config.method}", storage_path=storage_path),
+        run_config=RunConfig(
+            name=config.name or f"alignxpert-{config.method}",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
     )
     result = trainer.fit()
     final = out_dir / "model"
