@@ -101,7 +101,14 @@ def test_threads_planted_elsewhere_are_refused(tmp_path):
 def test_builder_loss_falls_and_its_artifact_verifies(tmp_path):
     """A short build on a few threads: the loss must fall, and the folder is what its manifest says."""
     config = AnnotatorConfig(
-        train_threads=6, eval_threads=1, batch_size=4, comment_steps=40, prompt_steps=4, warmup_steps=5, loss_window=5
+        train_threads=6,
+        eval_threads=1,
+        batch_size=4,
+        hard_negatives=16,
+        comment_steps=40,
+        prompt_steps=4,
+        warmup_steps=5,
+        loss_window=5,
     )
     report = build_annotator(config, tmp_path / "annotator")
     curve = report["loss_curve"]
