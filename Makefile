@@ -10,7 +10,7 @@ EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint annotator clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# Rebuild the tiny annotator the package ships (alignx_ray/fixtures/annotator/, minutes on CPU).
+annotator: $(STAMP)
+	$(VENV)/bin/alignx tiny-model --annotator
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

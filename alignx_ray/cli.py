@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -51,18 +50,15 @@ def _print_figures(figures: dict) -> None:
 def cmd_tiny_model(args) -> None:
     # lazy: builds with torch
     from alignx_ray.fixtures.tiny import TinyModelSpec, build_tiny_model
-    from alignx_ray.fixtures.tiny_annotator import AnnotatorConfig, build_annotator
+    from alignx_ray.fixtures.tiny_annotator import SHIPPED, AnnotatorConfig, build_annotator
 
     if args.annotator:
-        built = build_annotator(AnnotatorConfig(seed=args.seed))
-        report = json.loads((built / "annotator_report.json").read_text())
+        out = Path(args.out) if args.out else SHIPPED
+        report = build_annotator(AnnotatorConfig(seed=args.seed), out)
         print(
-            f"annotator: {built}\nlabel accuracy on unseen threads: {report['accuracy']:.4f} "
-            f"(planted dimensions {report['planted_accuracy']:.4f})"
+            f"annotator: {out}\nlabel accuracy on unseen threads: {report['accuracy']:.4f} "
+            f"(planted dimensions {report['planted_accuracy']:.4f}), built in {report['seconds']} s"
         )
-        if args.out:
-            shutil.copytree(built, args.out, dirs_exist_ok=True)
-            print(f"copied to {args.out}")
         return
     if not args.out:
         sys.exit("--out is required (or use --annotator)")
@@ -172,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="build a tiny local tokenizer + model (or the tiny annotator)")
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--out", help="output directory (with --annotator: default the one the package ships)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
     p.add_argument(
         "--annotator",
         action="store_true",
-        help="fine-tune the tiny model to read the demo's planted traits (cached per machine)",
+        help="fine-tune the tiny model to read the demo's planted traits (the annotator the package ships)",
     )
     p.set_defaults(func=cmd_tiny_model)
 

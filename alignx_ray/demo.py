@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from alignx_ray.common.space import NEUTRAL, compare_levels, level_to_direction
 from alignx_ray.evaluate.accuracy import percent
-from alignx_ray.fixtures.tiny_annotator import label_accuracy
+from alignx_ray.fixtures.tiny_annotator import REPORT, label_accuracy
 from alignx_ray.report import SUMMARY, RunReport, seconds_chart
 from alignx_ray.run import Run, RunConfig
 
@@ -153,7 +153,7 @@ def summary_markdown(stages: dict[str, dict], total_seconds: float) -> str:
 def run_demo(config: RunConfig, run_dir: Path) -> RunReport:
     started = time.time()
     with Run(config, run_dir, RunReport(run_dir, "alignx-ray demo")) as run:
-        annotator = json.loads((Path(run.annotation_model()) / "annotator_report.json").read_text())
+        annotator = json.loads((Path(run.annotation_model()) / REPORT).read_text())
         run.report.add(
             "annotator",
             {

@@ -39,9 +39,8 @@ from alignx_ray.engines.logprobs import reward_margin
 from alignx_ray.evaluate.accuracy import run_evaluation, score_resumable
 from alignx_ray.evaluate.eval_config import EvalConfig
 from alignx_ray.evaluate.judge import JudgeConfig, run_binary_choice, run_judge
-from alignx_ray.fixtures import synthetic
+from alignx_ray.fixtures import synthetic, tiny_annotator
 from alignx_ray.fixtures.tiny import TinyModelSpec, build_tiny_model
-from alignx_ray.fixtures.tiny_annotator import AnnotatorConfig, build_annotator
 from alignx_ray.report import RunReport
 from alignx_ray.train.dpo_config import TrainConfig
 from alignx_ray.train.dpo_data import prepare_training_data, prepared_head
@@ -69,7 +68,6 @@ class RunConfig(Section):
     embedded default's.
 
     threads: the generated demo threads, used when `ingest.input` is not set.
-    annotator: the tiny annotator, used when `annotate.engine.model` is not set.
     train: DPO settings shared by both methods (`alignx train --method` picks one).
     evaluate: how trained models are evaluated (`alignx evaluate`, and the demo).
     judge: the judge win rate and binary-choice accuracy (`alignx judge`, and the demo).
@@ -82,7 +80,6 @@ class RunConfig(Section):
     prompts: PromptTemplates = PromptTemplates()
     space: SpaceConfig = SpaceConfig()
     threads: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
-    annotator: AnnotatorConfig = AnnotatorConfig()
     ingest: IngestConfig = IngestConfig()
     annotate: AnnotateConfig = AnnotateConfig()
     build: BuildConfig = BuildConfig()
@@ -198,25 +195,21 @@ class Run:
         return self.run_dir / stage
 
     def annotation_model(self) -> str:
-        """The configured model, or the tiny annotator (built once per machine, then cached)."""
+        """The configured model, or the tiny annotator the package ships (checked against its
+        manifest, and against the traits the demo threads carry)."""
         if self._model_path is None:
             model = self.config.annotate.engine.model
-            # The annotator must read the traits the demo threads carry.
-            annotator = self.config.annotator.model_copy(
-                update={"planted_dimensions": self.config.threads.planted_dimensions}
-            )
-            self._model_path = model or str(build_annotator(annotator))
+            self._model_path = model or str(tiny_annotator.shipped_annotator(self.config.threads.planted_dimensions))
         return self._model_path
 
+    def annotator_key(self) -> str:
+        """What the annotation model is, for stage fingerprints: the configured name, or the
+        shipped annotator's manifest digest (its folder is the same whatever it holds)."""
+        return self.config.annotate.engine.model or tiny_annotator.verify_annotator()
+
     def p_tilde_inputs(self) -> tuple:
-        """What P~ inferred during evaluation depends on (the annotator is resolved only when
-        something must be inferred, so its config stands in for its path)."""
-        return (
-            self.config.annotate.engine.model,
-            self.config.annotator,
-            self.config.threads.planted_dimensions,
-            self.config.space,
-        )
+        """What P~ inferred during evaluation depends on."""
+        return self.annotator_key(), self.config.space
 
     def threads(self) -> dict:
         cfg = self.config.threads
@@ -228,7 +221,7 @@ class Run:
 
     def ingest(self) -> dict:
         source = self.config.ingest.input or self.threads()["jsonl"]
-        key = fingerprint(self.config.ingest, source, self.annotation_model())
+        key = fingerprint(self.config.ingest, source, self.annotator_key())
         return self.ray_stage(
             "ingest", key, lambda: run_ingest(self.config.ingest, source, self.dir("ingest"), self.annotation_model())
         )
@@ -240,7 +233,7 @@ class Run:
             self.config.prompts,
             self.config.space,
             upstream["fingerprint"],
-            self.annotation_model(),
+            self.annotator_key(),
         )
 
         def compute() -> dict:
@@ -276,7 +269,8 @@ class Run:
         upstream = self.pairs()
         cfg = self.config.build.demographics
         model = cfg.engine.model or self.annotation_model()
-        key = fingerprint(cfg, self.config.prompts, self.config.space, upstream["fingerprint"], model)
+        model_key = cfg.engine.model or self.annotator_key()
+        key = fingerprint(cfg, self.config.prompts, self.config.space, upstream["fingerprint"], model_key)
         return self.ray_stage(
             "demographics",
             key,

@@ -39,10 +39,11 @@ def tiny_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def annotator_dir() -> Path:
-    """The demo's tiny annotator (cached per machine, so built at most once)."""
-    from alignx_ray.fixtures.tiny_annotator import AnnotatorConfig, build_annotator
+    """The demo's tiny annotator, the one the package ships (checked against its manifest)."""
+    from alignx_ray.fixtures.synthetic import DEMO_PLANTED_DIMENSIONS
+    from alignx_ray.fixtures.tiny_annotator import shipped_annotator
 
-    return build_annotator(AnnotatorConfig())
+    return shipped_annotator(DEMO_PLANTED_DIMENSIONS)
 
 
 @pytest.fixture(scope="session")

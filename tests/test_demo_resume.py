@@ -39,7 +39,7 @@ def report(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory, annotator_dir):
-    """The demo config (its annotator, the one built by `annotator_dir`, is cached by then)."""
+    """The demo config (its annotator: the shipped one, checked by `annotator_dir`)."""
     return write_config(tmp_path_factory.mktemp("demo-resume") / "config.yaml", CONFIG)
 
 
