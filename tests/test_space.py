@@ -20,6 +20,8 @@ from alignx_ray.common.space import (
     check_official,
     compare_levels,
     describe_direction,
+    direction_bytes,
+    level_direction_bytes,
     level_to_direction,
     parse_profile,
 )
@@ -145,6 +147,12 @@ def test_level_to_direction_is_vectorised():
     levels = np.array([[1, 2, 3], [3, 3, 1]])
     expected = np.array([[0.0, 0.5, 1.0], [1.0, 1.0, 0.0]])
     np.testing.assert_array_equal(level_to_direction(levels), expected)
+
+
+def test_level_direction_bytes_equal_the_float_path():
+    levels = np.random.default_rng(0).integers(1, 4, size=(500, 90)).astype(np.uint8)
+    np.testing.assert_array_equal(level_direction_bytes(levels), direction_bytes(level_to_direction(levels)))
+    assert level_direction_bytes(levels).dtype == np.uint8
 
 
 def test_compare_levels_marks_the_stronger_response_positive():

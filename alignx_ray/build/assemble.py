@@ -358,20 +358,29 @@ def persona_items(personas: pa.Table) -> pa.Table:
 def joined_rows(pieces: pa.Table) -> pa.Table:
     """The pieces of some pairs (all pieces of each) -> one JOINED_SCHEMA row per pair that has
     both its pair row and its personas (as an inner join would give), items in persona order.
-    Column by column: the pieces are sorted by pair, kind and position, so each persona's items
-    are contiguous and in the order of the pair rows."""
-    pieces = pieces.sort_by([("pair_id", "ascending"), ("kind", "ascending"), ("position", "ascending")])
-    kinds = pieces["kind"].to_numpy()
+    Column by column: the pieces are ordered by pair, kind and position (sorting the key columns
+    only, then taking each kind's rows with just the columns it needs, so the text is copied
+    once), so each persona's items are contiguous and in the order of the pair rows."""
+    order = pc.sort_indices(
+        pieces.select(["pair_id", "kind", "position"]),
+        sort_keys=[("pair_id", "ascending"), ("kind", "ascending"), ("position", "ascending")],
+    )
+    kinds = pieces["kind"].take(order).to_numpy()
+    sorted_ids = pieces["pair_id"].take(order)
 
-    def of_kind(kind: int) -> pa.Table:
-        return pieces.filter(pa.array(kinds == kind))
+    def of_kind(kind: int, columns: list[str], among: pa.Array | None = None) -> pa.Table:
+        """The rows of one kind, in order; with `among`, only those of these pairs."""
+        keep = kinds == kind
+        if among is not None:
+            keep &= pc.is_in(sorted_ids, among).to_numpy(zero_copy_only=False)
+        return pieces.select(columns).take(order.filter(pa.array(keep)))
 
-    votes = of_kind(VOTES)
-    pairs = of_kind(PAIR)
-    pairs = pairs.filter(pc.is_in(pairs["pair_id"], votes["pair_id"]))
+    votes = of_kind(VOTES, ["pair_id", "ugc_direction", "pair_direction"])
+    pair_columns = ["pair_id", "thread_id", "prompt", "chosen", "rejected", "direction", "source"]
+    pairs = of_kind(PAIR, pair_columns, among=votes["pair_id"].combine_chunks())
     if pairs.num_rows == 0:
         return JOINED_SCHEMA.empty_table()
-    ids = pairs["pair_id"]
+    ids = pairs["pair_id"].combine_chunks()
     n_dims = len(pairs["direction"][0])
 
     def value(part: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
@@ -379,18 +388,16 @@ def joined_rows(pieces: pa.Table) -> pa.Table:
 
     lists, sizes = {}, {}
     for column, kind in PERSONA_KINDS.items():
-        part = of_kind(kind)
-        part = part.filter(pc.is_in(part["pair_id"], ids))
-        owner = pc.index_in(part["pair_id"], ids).to_numpy(zero_copy_only=False)
-        sizes[column] = np.bincount(owner, minlength=len(ids)).astype(np.int32)
         item_type = UGC_TEXT_ITEM if kind == UGC else PAIR_TEXT_ITEM
         names = ["item_id", "prompt", "comment"] if kind == UGC else ["item_id", "prompt", "chosen", "rejected"]
+        part = of_kind(kind, ["pair_id", *names, "direction_code"], among=ids)
+        owner = pc.index_in(part["pair_id"], ids).to_numpy(zero_copy_only=False)
+        sizes[column] = np.bincount(owner, minlength=len(ids)).astype(np.int32)
         fields = [part[n].combine_chunks() for n in names]
         fields.append(unpack_directions(part["direction_code"].combine_chunks(), n_dims))
         offsets = pa.array(np.concatenate([[0], np.cumsum(sizes[column])]).astype(np.int32))
         lists[column] = pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(fields, fields=list(item_type)))
-    demo = of_kind(DEMO)
-    pair_columns = ("pair_id", "thread_id", "prompt", "chosen", "rejected", "direction", "source")
+    demo = of_kind(DEMO, ["pair_id", "demo_text", "demo_direction"])
     return pa.table(
         {
             **{name: pairs[name] for name in pair_columns},

@@ -32,7 +32,7 @@ from alignx_ray.common.config import PoolConfig, Section
 from alignx_ray.common.raydata import map_resumable
 from alignx_ray.common.schema import PERSONAS_SCHEMA, REJECT_COLUMN, list_matrix, only_labelled
 from alignx_ray.common.seeding import seeded_rng
-from alignx_ray.common.space import NEUTRAL, byte_directions, direction_bytes, level_to_direction
+from alignx_ray.common.space import NEUTRAL, byte_directions, direction_bytes, level_direction_bytes
 from alignx_ray.engines.retrieval import IndexKind, LevelIndex, min_equal_dims
 
 
@@ -140,7 +140,7 @@ class Pool:
         the median."""
         if self.kind == "pair":
             return self.pair_direction_bytes[rows]
-        return direction_bytes(level_to_direction(self.levels[rows]))
+        return level_direction_bytes(self.levels[rows])
 
     def thread_codes(self, thread_ids: pa.Array) -> np.ndarray:
         """Each thread id's code (-1 for a thread none of these rows belongs to)."""

@@ -83,22 +83,46 @@ def fit_local(num_cpus: float, num_gpus: float) -> tuple[float, float]:
 
 
 def footer_columns(*folders: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    """(rows, {leaf column path: (values, uncompressed bytes)}) of the parquet files under
-    these folders, summed from their footers: the driver reads no rows."""
+    """(rows, {leaf column path: (values, bytes in memory)}) of the parquet files under these
+    folders, from their footers: the driver reads no table. A footer's sizes are after
+    parquet's encodings (a text repeated on many rows, as a post is on each of its responses,
+    is dictionary-encoded and counted about once), so each column's are scaled by its ratio of
+    Arrow bytes to encoded bytes in the first row group of the folder's first file."""
     rows, columns = 0, {}
-    for f in (f for folder in folders for f in sorted(folder.rglob("*.parquet"))):
-        meta = pq.read_metadata(f)
-        rows += meta.num_rows
-        for group in (meta.row_group(i) for i in range(meta.num_row_groups)):
-            for chunk in (group.column(j) for j in range(group.num_columns)):
-                values, size = columns.get(chunk.path_in_schema, (0, 0))
-                columns[chunk.path_in_schema] = (values + chunk.num_values, size + chunk.total_uncompressed_size)
+    for folder in folders:
+        files = sorted(folder.rglob("*.parquet"))
+        ratio = decoded_ratios(files[0]) if files else {}
+        for f in files:
+            meta = pq.read_metadata(f)
+            rows += meta.num_rows
+            for group in (meta.row_group(i) for i in range(meta.num_row_groups)):
+                for chunk in (group.column(j) for j in range(group.num_columns)):
+                    path = chunk.path_in_schema
+                    values, size = columns.get(path, (0, 0))
+                    decoded = int(chunk.total_uncompressed_size * ratio.get(path.split(".")[0], 1.0))
+                    columns[path] = (values + chunk.num_values, size + decoded)
     return rows, columns
+
+
+def decoded_ratios(path: Path, sample_rows: int = 256) -> dict[str, float]:
+    """Per top-level column: Arrow bytes over parquet's encoded bytes, from the first
+    `sample_rows` rows of the file's first row group (a few pages: a whole row group of
+    persona lists is about 100 MB decoded, which the driver should not hold)."""
+    file = pq.ParquetFile(path)
+    if not file.metadata.num_row_groups or not file.metadata.row_group(0).num_rows:
+        return {}
+    meta = file.metadata.row_group(0)
+    sample = next(file.iter_batches(batch_size=min(sample_rows, meta.num_rows), row_groups=[0]))
+    share = sample.num_rows / meta.num_rows
+    encoded = Counter()
+    for chunk in (meta.column(j) for j in range(meta.num_columns)):
+        encoded[chunk.path_in_schema.split(".")[0]] += chunk.total_uncompressed_size
+    return {name: sample[name].nbytes / (encoded[name] * share) for name in sample.schema.names if encoded[name]}
 
 
 def shuffle_partitions(*folders: Path, size: int = 0, partition_bytes: int = 256 * 2**20) -> int:
     """Partitions of a hash shuffle (a join or groupby) over these parquet folders (plus `size`
-    bytes of other input): enough that each holds about `partition_bytes` of uncompressed data,
+    bytes of other input): enough that each holds about `partition_bytes` of data in memory,
     so no worker's memory grows with the dataset, and at least one per two CPUs of the cluster,
     so every node works. Sizes come from the files' footers."""
     import ray

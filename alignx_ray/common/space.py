@@ -75,6 +75,12 @@ def direction_bytes(directions) -> np.ndarray:
     return np.rint(np.asarray(directions, np.float64) * 2).astype(np.uint8)
 
 
+def level_direction_bytes(levels: np.ndarray) -> np.ndarray:
+    """`direction_bytes(level_to_direction(levels))` of uint8 levels, computed in bytes: a
+    persona stage takes it of millions of candidates a batch, where float64 would be 8x."""
+    return (np.sign(levels.astype(np.int8) - np.int8(LEVEL_MEDIAN)) + 1).astype(np.uint8)
+
+
 def byte_directions(codes) -> np.ndarray:
     """The inverse of `direction_bytes`: float64 directions."""
     return np.asarray(codes).astype(np.float64) / 2
