@@ -14,10 +14,12 @@ from alignx_ray.common.raydata import GUARD_EXIT_STATUS, exit_records
 pytestmark = pytest.mark.faults
 
 # argv: ledger, what the UDF does with its batch (`sleep` for 60 s, `fail` as a dead engine,
-# `echo`), the batch timeout. Prints the batch the guard returned.
+# `core_dies`: its engine core process killed while the call waits, `echo`), the batch
+# timeout. Prints the batch the guard returned.
 ACTOR = textwrap.dedent(
     """
     import subprocess, sys, time
+    import psutil
     from alignx_ray.common.raydata import EngineFailure, guarded
 
     class Engine:  # its process `core` stands for vLLM's engine core
@@ -26,7 +28,13 @@ ACTOR = textwrap.dedent(
             self.core = subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             print("core", self.core.pid, file=sys.stderr, flush=True)
 
+        def engine_processes(self):
+            return [psutil.Process(self.core.pid)]
+
         def __call__(self, batch):
+            if self.action == "core_dies":
+                self.core.kill()
+                time.sleep(60)
             if self.action == "sleep":
                 time.sleep(60)
             if self.action == "fail":
@@ -63,6 +71,21 @@ def test_a_batch_over_its_timeout_ends_the_process_and_its_engine_core(tmp_path)
     assert record["reason"] == "batch_timeout"
     assert record["detail"] == "a batch of 3 rows ran over batch_timeout_s=0.5"
     assert "Engine actor exits, for Ray to replace: batch_timeout" in done.stderr
+
+
+def test_an_engine_process_that_ends_mid_call_ends_the_actor_at_once(tmp_path):
+    """The engine core dies while the call waits on it: the guard sees it within a poll, long
+    before the batch timeout, and ends the actor."""
+    import time
+
+    started = time.monotonic()
+    done = run_guarded(tmp_path, "core_dies", 50)
+    assert done.returncode == GUARD_EXIT_STATUS and done.stdout == ""
+    assert time.monotonic() - started < 30  # the call alone would sleep 60 s, the timeout 50 s
+    [record] = exit_records(tmp_path / "_faults")
+    core = int(done.stderr.split("core ", 1)[1].split()[0])
+    assert record["reason"] == "engine_dead"
+    assert record["detail"] == f"its engine's process {core} has ended"
 
 
 def test_an_engine_failure_ends_the_process(tmp_path):

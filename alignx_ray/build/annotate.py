@@ -21,7 +21,7 @@ from alignx_ray.common.config import PoolConfig, Section, SpaceConfig
 from alignx_ray.common.raydata import map_resumable, write_rejected
 from alignx_ray.common.schema import REJECT_COLUMN
 from alignx_ray.engines.labelling import QuestionBank, label_batch
-from alignx_ray.engines.scoring import EngineConfig, make_engine
+from alignx_ray.engines.scoring import EngineConfig, make_engine, vllm_engine_processes
 
 
 class AnnotateConfig(Section):
@@ -52,6 +52,10 @@ class AnnotateUDF:
         self.engine = make_engine(config.engine, model_path, tokenizer)
         self.model_id = Path(model_path).name if os.path.exists(model_path) else model_path
         self.prompt_version = templates.version
+
+    def engine_processes(self) -> list:
+        """For `ActorGuard`: the processes the engine runs in besides this one."""
+        return vllm_engine_processes()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = label_batch(

@@ -30,7 +30,7 @@ from alignx_ray.common.schema import DEMOGRAPHICS_SCHEMA
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL, SPACE, PreferenceSpace
 from alignx_ray.engines.generation import VllmGenerator
-from alignx_ray.engines.scoring import EngineConfig
+from alignx_ray.engines.scoring import EngineConfig, vllm_engine_processes
 
 REQUIRED_KEYS = ("reason", "textual persona", "dimension description", "like keywords", "dislike keywords")
 
@@ -175,6 +175,10 @@ class DemographicsUDF:
         self.config, self.templates, self.space = config, templates, space
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.generator = VllmGenerator(config.engine, model_path)
+
+    def engine_processes(self) -> list:
+        """For `ActorGuard`: the processes the engine runs in besides this one."""
+        return vllm_engine_processes()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return demographics_batch(self.generator, self.tokenizer, batch, self.config, self.templates, self.space)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -146,12 +147,18 @@ class StageFailed(RuntimeError):
 GUARD_EXIT_STATUS = 75
 
 
+# How often a batch's watch looks at the engine's own processes.
+ENGINE_POLL_S = 1.0
+
+
 class ActorGuard:
     """A stage's UDF (`udf`, set per stage by `guarded`) inside its actor. A batch still running
-    after `batch_timeout_s`, or an `EngineFailure`, ends the process after a record in the
-    stage's fault ledger (`ledger`, a folder): Ray treats that as a crash, restarts the actor
-    and sends the batch again. Exiting is the only way out of a call hung in native code, and a
-    dead engine is never reused."""
+    after `batch_timeout_s`, an `EngineFailure`, or the end of a process the engine runs in
+    (the UDF's `engine_processes()`, e.g. vLLM's engine core on a GPU node, whose death leaves
+    the offline call waiting) ends the actor's process after a record in the stage's fault
+    ledger (`ledger`, a folder): Ray treats that as a crash, restarts the actor and sends the
+    batch again. Exiting is the only way out of a call hung in native code, and a dead engine
+    is never reused."""
 
     udf: type
 
@@ -159,10 +166,12 @@ class ActorGuard:
         self.batch_timeout_s = batch_timeout_s
         self.ledger = Path(ledger)
         self.inner = self.udf(**udf_kwargs)
+        self.engine_processes = list(getattr(self.inner, "engine_processes", list)())
 
     def __call__(self, batch):
+        self._check_engine()  # a call on an engine already dead would wait forever
         finished = threading.Event()
-        if self.batch_timeout_s is not None:
+        if self.batch_timeout_s is not None or self.engine_processes:
             rows = getattr(batch, "num_rows", len(batch))
             threading.Thread(target=self._watch, args=(finished, rows), daemon=True).start()
         try:
@@ -173,8 +182,27 @@ class ActorGuard:
             finished.set()
 
     def _watch(self, finished: threading.Event, rows: int) -> None:
-        if not finished.wait(self.batch_timeout_s):
-            self._exit("batch_timeout", f"a batch of {rows} rows ran over batch_timeout_s={self.batch_timeout_s}")
+        """Until the batch is done: the engine's processes every ENGINE_POLL_S, and its timeout."""
+        started, limit = time.monotonic(), self.batch_timeout_s
+        poll = ENGINE_POLL_S if self.engine_processes else math.inf
+        while True:
+            left = math.inf if limit is None else limit - (time.monotonic() - started)
+            if finished.wait(max(0.0, min(poll, left))):
+                return
+            self._check_engine()
+            if limit is not None and time.monotonic() - started >= limit:
+                self._exit("batch_timeout", f"a batch of {rows} rows ran over batch_timeout_s={limit}")
+
+    def _check_engine(self) -> None:
+        import psutil
+
+        for process in self.engine_processes:
+            try:
+                alive = process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                self._exit("engine_dead", f"its engine's process {process.pid} has ended")
 
     def _exit(self, reason: str, detail: str) -> None:
         """Record why, end the processes this actor started (an engine core hung or dead must

@@ -286,6 +286,15 @@ def load_vllm(model_path: str, dtype: str, engine_kwargs: dict | None, env: dict
     return LLM(model=model_path, dtype=dtype, **{"disable_log_stats": False, **defaults, **(engine_kwargs or {})})
 
 
+def vllm_engine_processes() -> list:
+    """vLLM's engine core processes this process started (its multiprocess mode, the default
+    on GPU nodes; none in the single-process CPU build): the engine is dead once one ends."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    return [c for c in children if "EngineCore" in c.name() + " ".join(c.cmdline())]
+
+
 @contextlib.contextmanager
 def engine_call():
     """A vLLM call whose failure inside the engine (vLLM's EngineDeadError when the engine core
