@@ -55,15 +55,16 @@ def labelled(annotator_dir, unseen):
 def test_accuracy_against_planted_levels_on_unseen_threads(labelled, unseen, annotator_dir):
     accuracy = label_accuracy(np.array([e[2] for e in unseen]), np.stack(labelled[1]["option_probs"]))
     assert accuracy["n_planted"] > 100
-    # Issue 19 asks for 0.98 overall and 0.97 on planted dimensions; the shipped annotator is
-    # not there yet (see README, Status), and these bounds hold what it reaches.
-    assert accuracy["accuracy"] >= 0.95
+    # Issue 19 asks for 0.98 overall and 0.97 on planted dimensions; the shipped annotator
+    # reaches the first (0.981 in its report), not the second (see README, Status): these
+    # bounds hold what it reaches on these other threads.
+    assert accuracy["accuracy"] >= 0.96
     assert accuracy["planted_accuracy"] >= 0.9  # chance on a planted dimension is 1/3
     assert accuracy["unplanted_accuracy"] >= 0.95  # and it does not see traits that are not there
     # The build's own report (other unseen threads) agrees.
     report = json.loads((annotator_dir / REPORT).read_text())
     assert report["eval_responses"] > 100
-    assert report["accuracy"] >= 0.95 and report["planted_accuracy"] >= 0.88
+    assert report["accuracy"] >= 0.98 and report["planted_accuracy"] >= 0.88
     assert abs(report["accuracy"] - accuracy["accuracy"]) < 0.02
 
 
