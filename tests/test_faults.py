@@ -172,7 +172,7 @@ def test_engine_core_killed_under_a_live_actor_is_replaced_and_the_stage_complet
     assert figures["actor_exits"] == {"engine_dead": 1}
     assert_annotated_once_as(run, reference)
     assert stage_seconds(run, "annotate") - stage_seconds(reference, "annotate") < 300  # far under the timeout
-    record_annotation("vLLM engine core killed under a live actor (its call waits)", run, reference)
+    record_annotation("vLLM engine core killed under a live actor (the guard sees it end)", run, reference)
 
 
 def test_a_call_always_over_the_timeout_fails_the_stage_naming_it(reference, tmp_path):
