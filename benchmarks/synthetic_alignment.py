@@ -163,7 +163,8 @@ def main() -> None:
         "responses": responses,
         "labels": "planted levels (no annotator)",
         "starting_policy": "the shipped tiny annotator",
-        "training_path": f"Ray Train TorchTrainer, 2 gloo workers, TRL DPOTrainer, {'ZeRO-3' if args.deepspeed else 'DDP'}",
+        "training_path": "Ray Train TorchTrainer, 2 gloo workers, TRL DPOTrainer, "
+        + ("ZeRO-3" if args.deepspeed else "DDP"),
         "train": dataset["train"],
         "n_test": dataset["test"],
         "settings": {k: getattr(args, k) for k in ("epochs", "lr", "beta", "batch", "seed", "test_per_cell")},
