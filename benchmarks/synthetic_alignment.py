@@ -2,7 +2,7 @@
 synthetic AlignX, scored on held-out AlignX_test against the untrained starting model.
 
     python benchmarks/synthetic_alignment.py                     # 2,400 threads, both methods
-    python benchmarks/synthetic_alignment.py --threads 400 --epochs 1 --out /tmp/quick.json
+    python benchmarks/synthetic_alignment.py --threads 400 --epochs 1 --out quick.json
 
 1. Data: the demo's generator writes `--threads` threads whose responses state their authors'
    planted traits; the planted levels are the annotations (no LLM labels them: what this
@@ -103,9 +103,14 @@ def main() -> None:
         }
     )
     evaluate = demo.evaluate.model_copy(
-        update={"personas": ["all"], "history_sizes": [None], "reversal": True, "profile_source": "items"}
+        update={
+            "personas": ["all"],
+            "history_sizes": [None],
+            "reversal": True,
+            "profile_source": "items",
+            "max_examples": None,
+        }
     )
-    evaluate = evaluate.model_copy(update={"max_examples": None})
     results: dict[str, dict] = {}
     for method in args.methods:
         config = demo.train.model_copy(
@@ -163,7 +168,7 @@ def main() -> None:
         "responses": responses,
         "labels": "planted levels (no annotator)",
         "starting_policy": "the shipped tiny annotator",
-        "training_path": "Ray Train TorchTrainer, 2 gloo workers, TRL DPOTrainer, "
+        "training_path": f"Ray Train TorchTrainer, {demo.train.num_workers} gloo workers, TRL DPOTrainer, "
         + ("ZeRO-3" if args.deepspeed else "DDP"),
         "train": dataset["train"],
         "n_test": dataset["test"],
