@@ -107,6 +107,21 @@ def evaluate_all(run: Run) -> None:
     run.report.add("evaluation", {"markdown": "\n".join(rows)})
 
 
+def demographic_note(figures: dict | None) -> str:
+    """Why most demo pairs have no P_DEMO: the tiny model is taught Prompt #1, not Prompt #2."""
+    if not figures or "pairs" not in figures:
+        return "P_DEMO: not built (`build.demographics_enabled: false`)."
+    reasons = sorted(figures["reasons"].items(), key=lambda kv: -kv[1])
+    why = ", ".join(f"{reason} {n}" for reason, n in reasons[:3]) or "none"
+    return (
+        f"P_DEMO kept on {figures['with_demographic']} of {figures['pairs']} pairs (dropped: {why}). "
+        "The tiny model is taught Prompt #1's answer only, not Prompt #2's: it writes schema-valid JSON, "
+        "but its like / dislike keywords are not those of the pair, so the consistency check (paper A.2 (2)) "
+        "drops the persona and the example goes on with P_UGC and P_PAIR. A model that follows Prompt #2 "
+        "(production's LLM) keeps it where it agrees with the pair."
+    )
+
+
 def summary_markdown(stages: dict[str, dict], total_seconds: float) -> str:
     """What ran, counts in and out, held-out accuracy, and time per stage: what a person reads
     before the per-stage details."""
@@ -129,6 +144,8 @@ def summary_markdown(stages: dict[str, dict], total_seconds: float) -> str:
         f"{get('pairs', 'threads_rejected')} |",
         f"| dataset (pairs -> train + test) | {get('dataset', 'pairs_in')} | "
         f"{get('dataset', 'train')} + {get('dataset', 'test')} | {get('dataset', 'rejected')} |",
+        "",
+        demographic_note(stages.get("demographics")),
         "",
         "Held out: AlignX_test, whose threads no training example comes from. Accuracy with its 95 % interval; "
         "the starting model is the untrained policy's own order of the two responses.",

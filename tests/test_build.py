@@ -1,6 +1,7 @@
 """The dataset build on a real local Ray instance, with the real vLLM engine for P_DEMO."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -96,6 +97,8 @@ def test_structured_decoding_on_vllm_gives_schema_json(generator, tiny_tokenizer
         assert (r["demo_text"] is None) == (r["reject_reason"] is not None)
         payload = json.loads(r["demo_raw"], strict=False)  # schema-constrained output is JSON, never cut
         assert set(payload) >= {"reason", "textual persona", "dimension description"}
+        # no free whitespace between JSON tokens (generation.COMPACT_JSON, the engine's default)
+        assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', "", r["demo_raw"]))
         if r["demo_direction"] is not None:
             assert consistent(np.array(r["demo_direction"]), np.array(demo_pairs(1)["direction"][0].as_py()))[0]
     again = demographics_batch(generator, tiny_tokenizer, demo_pairs(6), config, prompts.PromptTemplates())

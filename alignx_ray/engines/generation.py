@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from alignx_ray.engines.scoring import EngineConfig, engine_call, load_vllm
 
+# JSON answers without free whitespace: the grammar otherwise admits unbounded whitespace, in
+# which a weak model spends its tokens (the tiny demo model: ~45 % of a P_DEMO answer, and a
+# weak judge all of max_tokens). vLLM reads this per engine, not per request; an engine config
+# that names its own `structured_outputs_config` keeps it.
+COMPACT_JSON = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+
 
 class VllmGenerator:
     """Text generation with vLLM, optionally constrained to a JSON schema (structured outputs).
@@ -13,7 +19,11 @@ class VllmGenerator:
 
     def __init__(self, config: EngineConfig, model_path: str):
         self.llm = load_vllm(
-            model_path, config.dtype, config.vllm, config.vllm_env, enable_prefix_caching=config.prefix_caching
+            model_path,
+            config.dtype,
+            {**COMPACT_JSON, **config.vllm},
+            config.vllm_env,
+            enable_prefix_caching=config.prefix_caching,
         )
         self.max_prompt_tokens = self.llm.model_config.max_model_len - 1  # room for one answer token at least
 

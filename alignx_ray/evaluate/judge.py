@@ -61,14 +61,7 @@ class JudgeConfig(Section):
     num_gpus: per engine (each model and the judge run in turn, each in its own Ray task).
     """
 
-    engine: EngineConfig = EngineConfig(
-        vllm={
-            **EngineConfig().vllm,
-            # The grammar otherwise admits unbounded whitespace, in which a weak judge can spend
-            # all of max_tokens; vLLM reads this per engine (not per request), for a named backend.
-            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-        }
-    )
+    engine: EngineConfig = EngineConfig()
     max_tokens: int = 64
     temperature: float = 0.0
     generation_max_tokens: int = 64
