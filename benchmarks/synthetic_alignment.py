@@ -10,10 +10,15 @@ synthetic AlignX, scored on held-out AlignX_test against the untrained starting 
    The project's pairs, personas and assembly stages build AlignX train and AlignX_test
    (`--test-per-cell` examples per (dimension, direction) cell, 4-item personas, their
    threads left out of train).
-2. The starting policy is the shipped tiny annotator: a policy of random weights knows no
-   word of the phrase bank, and DPO would first have to learn which words mark which trait;
-   the annotator's weights already bind each dimension's name to its cue words (Prompt #1).
-   The reference is the same model.
+2. The starting policy: the shipped tiny annotator (its weights bind each dimension's name to
+   its cue words, Prompt #1), then, unless `--lm-epochs 0`, language-modelled on the train
+   split's responses, chosen and rejected alike. The annotator's own LM head is near uniform
+   over the vocabulary, so every response token carries the same DPO gradient and DPO fits
+   each thread's wording (train reward accuracy up, held-out at chance); once the phrase bank
+   is predictable, the gradient sits on the tokens that remain uncertain, which trait
+   sentence comes next: where the persona should act. Both responses of every pair are
+   modelled equally, so the start prefers neither (its accuracy is reported). The reference
+   is the same model.
 3. DPO of PBA and ICA on the project's Ray Train path (`train.dpo_trainer.run_training`:
    TorchTrainer workers running TRL's DPOTrainer, `--deepspeed` for ZeRO-3 on CPU), on the
    examples `prepare_training_data` renders once on Ray Data.
@@ -37,6 +42,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def language_model_start(
+    model_dir: str, train_dir: str, out_dir: str, epochs: float, batch: int = 32, lr: float = 1e-3
+) -> dict:
+    """The start, language-modelled on every chosen and rejected response of the train split
+    (causal LM loss, AdamW, seeded order); saved with its tokenizer. Returns the loss curve."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    table = pq.read_table(train_dir, columns=["chosen", "rejected"])
+    texts = table["chosen"].to_pylist() + table["rejected"].to_pylist()
+    encoded = [tokenizer(t + tokenizer.eos_token).input_ids for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    steps = int(epochs * len(encoded) / batch)
+    order = torch.cat([torch.randperm(len(encoded)) for _ in range(int(epochs) + 1)])
+    model.train()
+    losses = []
+    for step in range(steps):
+        rows = [encoded[i] for i in order[step * batch : (step + 1) * batch]]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])  # masked
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"steps": steps, "loss_first": round(losses[0], 3), "loss_last": round(sum(losses[-20:]) / 20, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2400, help="generated threads (about 5.5 responses each)")
@@ -49,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="examples per worker per step")
     parser.add_argument("--deepspeed", action="store_true", help="ZeRO-3 (configs/deepspeed/zero3.json); else DDP")
     parser.add_argument("--max-examples", type=int, default=None, help="train on the first n examples only")
+    parser.add_argument("--lm-epochs", type=float, default=2.0, help="language modelling of the start (0: none)")
     parser.add_argument("--out", help="also write the JSON object here")
     args = parser.parse_args()
 
@@ -93,6 +134,15 @@ def main() -> None:
     )
 
     start = str(tiny_annotator.shipped_annotator(corpus.planted_dimensions))
+    if args.lm_epochs > 0:
+        task = ray.remote(num_cpus=2)(language_model_start)
+        lm_figures = timed(
+            "lm_start",
+            lambda: ray.get(
+                task.remote(start, str(work / "dataset" / "train"), str(work / "lm_start"), args.lm_epochs)
+            ),
+        )
+        start = str(work / "lm_start")
     dpo = demo.train.dpo.model_copy(
         update={
             "epochs": args.epochs,
@@ -167,12 +217,15 @@ def main() -> None:
         "threads": args.threads,
         "responses": responses,
         "labels": "planted levels (no annotator)",
-        "starting_policy": "the shipped tiny annotator",
+        "starting_policy": "the shipped tiny annotator"
+        + (f", language-modelled on the train responses ({lm_figures})" if args.lm_epochs > 0 else ""),
         "training_path": f"Ray Train TorchTrainer, {demo.train.num_workers} gloo workers, TRL DPOTrainer, "
         + ("ZeRO-3" if args.deepspeed else "DDP"),
         "train": dataset["train"],
         "n_test": dataset["test"],
-        "settings": {k: getattr(args, k) for k in ("epochs", "lr", "beta", "batch", "seed", "test_per_cell")},
+        "settings": {
+            k: getattr(args, k) for k in ("epochs", "lr", "beta", "batch", "seed", "test_per_cell", "lm_epochs")
+        },
         "methods": results,
         "seconds": seconds,
         "total_seconds": round(time.time() - started, 1),
