@@ -109,7 +109,7 @@ def evaluate_all(run: Run) -> None:
 
 def demographic_note(figures: dict | None) -> str:
     """Why most demo pairs have no P_DEMO: the tiny model is taught Prompt #1, not Prompt #2."""
-    if not figures or "pairs" not in figures:
+    if not figures:
         return "P_DEMO: not built (`build.demographics_enabled: false`)."
     reasons = sorted(figures["reasons"].items(), key=lambda kv: -kv[1])
     why = ", ".join(f"{reason} {n}" for reason, n in reasons[:3]) or "none"

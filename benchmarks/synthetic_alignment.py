@@ -46,7 +46,8 @@ def language_model_start(
     model_dir: str, train_dir: str, out_dir: str, epochs: float, batch: int = 32, lr: float = 1e-3
 ) -> dict:
     """The start, language-modelled on every chosen and rejected response of the train split
-    (causal LM loss, AdamW, seeded order); saved with its tokenizer. Returns the loss curve."""
+    (causal LM loss, AdamW, seeded order); saved with its tokenizer. Returns the step count and
+    the first and last losses."""
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,7 +59,7 @@ def language_model_start(
     texts = table["chosen"].to_pylist() + table["rejected"].to_pylist()
     encoded = [tokenizer(t + tokenizer.eos_token).input_ids for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    steps = int(epochs * len(encoded) / batch)
+    steps = max(1, int(epochs * len(encoded) / batch))
     order = torch.cat([torch.randperm(len(encoded)) for _ in range(int(epochs) + 1)])
     model.train()
     losses = []
@@ -74,7 +75,8 @@ def language_model_start(
         losses.append(loss.item())
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"steps": steps, "loss_first": round(losses[0], 3), "loss_last": round(sum(losses[-20:]) / 20, 3)}
+    last = losses[-20:]
+    return {"steps": steps, "loss_first": round(losses[0], 3), "loss_last": round(sum(last) / len(last), 3)}
 
 
 def main() -> None:
