@@ -2,9 +2,13 @@
 
 Measures, on the same generated responses:
   - the bare engine in this process vs the Ray Data job (actor pool, checkpoints, parquet in
-    and out) with the same engine (the packed tree, the CPU default) at the same torch thread
-    count (the demo's pool: one actor of 2 CPUs, which Ray turns into its torch threads): the
-    job's overhead ratio, start-up and model load included;
+    and out) with the same engine (the packed tree, the CPU default), start-up and model load
+    included, in three layouts: one actor of 1 CPU vs the bare engine at 1 torch thread (the
+    headline `ray_job_overhead_ratio`: nothing differs but Ray Data); one actor of every core
+    vs the bare engine at every core (its torch threads then share the cores with Ray's own
+    processes, and each parallel region waits for its slowest thread); one actor per core vs
+    the bare 1-thread engine's time divided by the actors (perfect scaling). Ray turns an
+    actor's CPUs into its torch threads;
   - vLLM with prefix caching and the warm-up pass vs without: what sharing the prefix saves
     (on fewer responses: the CPU build is slow);
   - the transformers packed tree vs 90 independent prompts.
@@ -86,6 +90,49 @@ def main() -> None:
         "mean_question_tokens": round(sum(map(len, bank.questions)) / len(bank.questions), 1),
     }
 
+    tree = make_engine(cpu_engine(kind="transformers"), model, tokenizer)
+    cores = torch.get_num_threads()
+    for threads_per_engine in sorted({1, cores}):
+        torch.set_num_threads(threads_per_engine)
+        _, t = timed(lambda: run_engine(tree))
+        figures[f"bare_tree_engine_{threads_per_engine}_threads_s_per_response"] = t / len(examples)
+    torch.set_num_threads(cores)
+    figures["bare_tree_engine_unique_tokens_per_s"] = (
+        unique_tokens / figures[f"bare_tree_engine_{cores}_threads_s_per_response"] / len(examples)
+    )
+    plain = make_engine(cpu_engine(kind="transformers-plain"), model, tokenizer)
+    _, t = timed(lambda: run_engine(plain, args.plain_responses))
+    figures["plain_90_prompts_s_per_response"] = t / args.plain_responses
+
+    from alignx_ray.common.raydata import init_ray
+
+    def job_seconds(actors: int, cpus_per_actor: int) -> float:
+        """The annotate stage on these rows, in a run of its own (start-up and model load included)."""
+        pool = demo.annotate.pool.model_copy(
+            update={"batch_size": args.batch, "concurrency": (actors, actors), "num_cpus": cpus_per_actor}
+        )
+        annotate = demo.annotate.model_copy(
+            update={"engine": cpu_engine(kind="transformers", model=model), "pool": pool}
+        )
+        run = Run(
+            demo.model_copy(update={"threads": threads, "annotate": annotate}), work / f"run-{actors}x{cpus_per_actor}"
+        )
+        run.ingest()
+        init_ray(run.config.ray)
+        job, t = timed(run.annotate)
+        assert job["labelled"] == len(examples), "the job must score the same rows as the bare engine"
+        return t
+
+    # One layout per figure: each job beside the bare engine with the same torch threads per engine.
+    for actors, cpus_per_actor in sorted({(1, 1), (1, cores), (cores, 1)}):
+        t = job_seconds(actors, cpus_per_actor)
+        name = f"ray_job_{actors}x{cpus_per_actor}"
+        figures[f"{name}_s_per_response"] = t / len(examples)
+        bare = figures[f"bare_tree_engine_{cpus_per_actor}_threads_s_per_response"] / actors
+        figures[f"{name}_over_bare"] = figures[f"{name}_s_per_response"] / bare
+    figures["ray_job_overhead_ratio"] = figures["ray_job_1x1_over_bare"]
+    # vLLM last: its in-process CPU engine leaves threads behind that would share the cores
+    # with everything measured after it.
     n_vllm = min(args.vllm_responses, len(examples))
     for name, sharing in (("vllm_prefix_sharing", True), ("vllm_no_prefix_sharing", False)):
         engine = make_engine(cpu_engine(kind="vllm", prefix_caching=sharing), model, tokenizer)
@@ -96,31 +143,11 @@ def main() -> None:
             figures["vllm_prefix_cache_hit_rate"] = hit_rate
         del engine
 
-    tree = make_engine(cpu_engine(kind="transformers"), model, tokenizer)
-    _, t = timed(lambda: run_engine(tree))
-    figures["bare_tree_engine_s_per_response"] = t / len(examples)
-    figures["bare_tree_engine_unique_tokens_per_s"] = unique_tokens / t
-    plain = make_engine(cpu_engine(kind="transformers-plain"), model, tokenizer)
-    _, t = timed(lambda: run_engine(plain, args.plain_responses))
-    figures["plain_90_prompts_s_per_response"] = t / args.plain_responses
-
-    pool = demo.annotate.pool.model_copy(update={"batch_size": args.batch})
-    annotate = demo.annotate.model_copy(update={"engine": cpu_engine(kind="transformers", model=model), "pool": pool})
-    config = demo.model_copy(update={"threads": threads, "annotate": annotate})
-    run = Run(config, work / "run")
-    run.ingest()
-    from alignx_ray.common.raydata import init_ray
-
-    init_ray(config.ray)
-    job, t = timed(run.annotate)
-    assert job["labelled"] == len(examples), "the job must score the same rows as the bare engine"
-    figures["ray_job_s_per_response"] = t / len(examples)
-    figures["ray_job_overhead_ratio"] = figures["ray_job_s_per_response"] / figures["bare_tree_engine_s_per_response"]
     figures["vllm_prefix_sharing_speedup"] = (
         figures["vllm_no_prefix_sharing_s_per_response"] / figures["vllm_prefix_sharing_s_per_response"]
     )
     figures["tree_speedup_vs_plain"] = (
-        figures["plain_90_prompts_s_per_response"] / figures["bare_tree_engine_s_per_response"]
+        figures["plain_90_prompts_s_per_response"] / figures[f"bare_tree_engine_{cores}_threads_s_per_response"]
     )
 
     print(f"\n{'measure':45s} value")
