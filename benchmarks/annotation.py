@@ -81,17 +81,17 @@ def main() -> None:
             prompted += sum(out["prompt_tokens"])
         return cached / prompted if None not in out["cached_tokens"] else None
 
+    cores = torch.get_num_threads()
     figures = {
         "device": "cpu",
         "responses": len(examples),
         "D": len(bank.questions),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": cores,
         "mean_prefix_tokens": round(sum(len(bank.prefix(p, c)) for p, c, _ in examples) / len(examples), 1),
         "mean_question_tokens": round(sum(map(len, bank.questions)) / len(bank.questions), 1),
     }
 
     tree = make_engine(cpu_engine(kind="transformers"), model, tokenizer)
-    cores = torch.get_num_threads()
     for threads_per_engine in sorted({1, cores}):
         torch.set_num_threads(threads_per_engine)
         _, t = timed(lambda: run_engine(tree))
