@@ -24,7 +24,9 @@ synthetic AlignX, scored on held-out AlignX_test against the untrained starting 
    examples `prepare_training_data` renders once on Ray Data.
 4. The evaluation's rule (`evaluate.accuracy.run_evaluation`) on AlignX_test with the full
    persona (PBA: P~ from the items' directions), and on the reversed persona: accuracy with
-   its 95 % Wilson interval, the flip rate, and the starting model's own accuracy.
+   its 95 % Wilson interval, the flip rate, and the starting model's own accuracy. Beside them
+   the cue-word oracle (`cue_oracle`): how often P~ and the responses' cue words alone rank
+   chosen first, the ceiling of a policy that reads the prompt.
 
 Prints a table; the last line is one JSON object (`pba_accuracy`, `ica_accuracy`,
 `base_accuracy`, `pba_flip_rate`, `ica_flip_rate`, `n_test`, ...).
@@ -40,6 +42,35 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ORACLE_COLUMNS = ["chosen", "rejected", "User-Generated Content", "Pair-wise Comparative Feedback"]
+
+
+def cue_oracle(batch):
+    """Per test example, whether its prompt alone decides it: the persona's P~ (its items'
+    directions aggregated, as the evaluation's profile) dotted with each response's cue words
+    (the phrase bank's high_cue +1, low_cue -1) ranks chosen above rejected. Its accuracy is
+    what a policy that reads P~ and the cue words reaches; 1.0 says the data is not the limit."""
+    import re
+
+    import numpy as np
+    import pyarrow as pa
+
+    from alignx_ray.common import schema
+    from alignx_ray.common.space import NEUTRAL, SPACE
+    from alignx_ray.fixtures import synthetic
+
+    cues = [(d["high_cue"], d["low_cue"]) for d in synthetic.phrase_bank()["dimensions"]]
+
+    def poles(text: str) -> np.ndarray:
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        return np.array([(high in words) - (low in words) for high, low in cues], float)
+
+    correct = []
+    for row in batch.to_pylist():
+        items = (row[schema.UGC] or []) + (row[schema.PAIR] or [])
+        profile = np.asarray(SPACE.aggregate_directions([i[schema.DIRECTION] for i in items])) - NEUTRAL
+        correct.append(float(profile @ (poles(row["chosen"]) - poles(row["rejected"]))) > 0)
+    return pa.table({"correct": pa.array(correct, pa.bool_())})
 
 
 def language_model_start(
@@ -135,6 +166,10 @@ def main() -> None:
         lambda: run_assemble(assemble, work / "annotate", work / "pairs", work / "personas", None, work / "dataset"),
     )
 
+    oracle = ray.data.read_parquet(str(work / "dataset" / "test"), columns=ORACLE_COLUMNS)
+    oracle = oracle.map_batches(cue_oracle, batch_format="pyarrow").to_pandas()["correct"].mean()
+    print(f"cue-word oracle on AlignX_test: {oracle:.3f}", flush=True)
+
     start = str(tiny_annotator.shipped_annotator(corpus.planted_dimensions))
     if args.lm_epochs > 0:
         task = ray.remote(num_cpus=2)(language_model_start)
@@ -225,6 +260,7 @@ def main() -> None:
         + ("ZeRO-3" if args.deepspeed else "DDP"),
         "train": dataset["train"],
         "n_test": dataset["test"],
+        "oracle_accuracy": round(float(oracle), 4),
         "settings": {
             k: getattr(args, k) for k in ("epochs", "lr", "beta", "batch", "seed", "test_per_cell", "lm_epochs")
         },
