@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORACLE_COLUMNS = ["chosen", "rejected", "User-Generated Content", "Pair-wise Comparative Feedback"]
 
 
 def cue_oracle(batch):
@@ -131,6 +130,7 @@ def main() -> None:
     from alignx_ray.build.assemble import run_assemble
     from alignx_ray.build.pairs import run_pairs
     from alignx_ray.build.personas import run_personas
+    from alignx_ray.common import schema
     from alignx_ray.common.config import load_config
     from alignx_ray.common.raydata import init_ray
     from alignx_ray.evaluate.accuracy import run_evaluation
@@ -166,8 +166,9 @@ def main() -> None:
         lambda: run_assemble(assemble, work / "annotate", work / "pairs", work / "personas", None, work / "dataset"),
     )
 
-    oracle = ray.data.read_parquet(str(work / "dataset" / "test"), columns=ORACLE_COLUMNS)
-    oracle = oracle.map_batches(cue_oracle, batch_format="pyarrow").to_pandas()["correct"].mean()
+    test_columns = [schema.CHOSEN, schema.REJECTED, schema.UGC, schema.PAIR]
+    test = ray.data.read_parquet(str(work / "dataset" / "test"), columns=test_columns)
+    oracle = test.map_batches(cue_oracle, batch_format="pyarrow").mean("correct")
     print(f"cue-word oracle on AlignX_test: {oracle:.3f}", flush=True)
 
     start = str(tiny_annotator.shipped_annotator(corpus.planted_dimensions))
