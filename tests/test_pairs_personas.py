@@ -19,9 +19,7 @@ from alignx_ray.build.assemble import (
     id_buckets,
     item_text_bytes,
     joined_rows,
-    persona_agreement,
     persona_items,
-    select_test,
 )
 from alignx_ray.build.pairs import PairsConfig, cluster_thread, draw_pairs, thread_pairs
 from alignx_ray.build.personas import (
@@ -33,6 +31,7 @@ from alignx_ray.build.personas import (
     shard_pools,
     vote,
 )
+from alignx_ray.build.test_draw import persona_agreement, select_test
 from alignx_ray.common import schema
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import intensity_embedding

@@ -10,11 +10,12 @@ import pytest
 from cpu import DEMO
 from test_universal import completion, helpsteer, pku, write_jsonl, write_parquet
 
-from alignx_ray.build.assemble import JOINED_SCHEMA, AssembleConfig, cell_candidates, run_assemble
+from alignx_ray.build.assemble import JOINED_SCHEMA, AssembleConfig, run_assemble
 from alignx_ray.build.pairs import run_pairs
 from alignx_ray.build.personas import PersonaConfig, consistent, run_personas
 from alignx_ray.build.public_pairs import FORUM, SOURCES, concern, is_universal, source_dimensions, sources_of
 from alignx_ray.build.stats import source_counts, split_sources, table1
+from alignx_ray.build.test_draw import cell_candidates
 from alignx_ray.build.universal import (
     PeerGroups,
     UniversalConfig,

@@ -1,18 +1,16 @@
 """Assembly of AlignX examples: consistency filter, the AlignX_test split, the official schema.
 
 Input: one joined row per pair (pair columns, its personas, its P_DEMO). Output: examples in
-`schema.ALIGNX_SCHEMA`. AlignX_test (paper Appendix C.1) is drawn first, balanced over
-dimension x direction: for each dimension d, n_d examples with direction 1 and n_d with 0 on
-d, where the pair and every persona show that direction on d and both behavioural personas
-have at least `test_items` items, n_d = min(per_cell, eligible positive, eligible negative).
-Its personas keep `test_items` sampled items. Every thread with a test example is left out
-of train, so no post of the test split is trained on. Universal-value pairs (`universal.py`:
-PKU-SafeRLHF, UltraFeedback, HelpSteer2), when the run has them, go to train only: AlignX_test
-is built from the forum pairs (Appendix C.1 follows §4.2, whose personas they lack).
+`schema.ALIGNX_SCHEMA`. AlignX_test (paper Appendix C.1) is drawn first (`test_draw.py`,
+balanced over dimension x direction); its personas keep `test_items` sampled items. Every
+thread with a test example is left out of train, so no post of the test split is trained
+on. Universal-value pairs (`universal.py`: PKU-SafeRLHF, UltraFeedback, HelpSteer2), when the
+run has them, go to train only. A train pair whose personas agree with it on no dimension is
+rejected (the paper's consistency filter).
 
-Ray layer: the stages' tables joined by pair_id (Ray Data hash joins), each cell's first
-candidates in draw order kept by a groupby (enough to make the draw exact, so the driver
-draws from a bounded table), then every example assembled in parallel and written by split.
+Ray layer: the stages' tables joined by pair_id (Ray Data hash joins), the test draw
+(`test_draw.py`: the driver draws from a bounded table), then every example assembled in
+parallel and written by split.
 """
 
 from __future__ import annotations
@@ -28,110 +26,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from alignx_ray.build.public_pairs import FORUM, sources_of
+from alignx_ray.build.test_draw import DrawConfig, draw_test_split, persona_agreement
 from alignx_ray.common import schema
-from alignx_ray.common.config import Section
 from alignx_ray.common.raydata import footer_columns, shuffle_partitions, write_parquet, write_rejected
 from alignx_ray.common.schema import list_matrix
 from alignx_ray.common.seeding import seeded_rng
-from alignx_ray.common.space import NEUTRAL, byte_directions, direction_bytes
-
-CELL_DIRECTIONS = (1.0, 0.0)
+from alignx_ray.common.space import byte_directions, direction_bytes
 
 
-class AssembleConfig(Section):
-    """The dataset's splits.
-
-    test_per_cell: AlignX_test examples per (dimension, direction) cell at most.
-    test_max: no further dimension is added to AlignX_test once it holds this many examples
-        (dimensions in index order; None: every dimension that has examples). A small corpus
-        sets it, or the test split's held-out threads leave little to train on.
-    test_items: items kept in each behavioural persona of a test example (paper: 4).
-    seed: mixed with pair ids for the test draw and the item sampling.
-    """
-
-    test_per_cell: int = 4
-    test_max: int | None = None
-    test_items: int = 4
-    seed: int = 0
-
-
-# The personas' voted directions a joined pair may carry (P_DEMO only where it was built).
-PERSONA_VOTES = ("ugc_direction", "pair_direction", "demo_direction")
-
-
-def persona_agreement(batch: pa.Table) -> np.ndarray:
-    """(N, D) bool over joined pairs: where the pair's direction is not neutral and every
-    persona it has votes the same. A pair is consistent where any is True (the paper's filter),
-    and the True dimensions are the AlignX_test cells it can stand in."""
-    direction = list_matrix(batch["direction"], np.float64)
-    agree = direction != NEUTRAL
-    for name in PERSONA_VOTES:
-        votes = batch[name].combine_chunks()
-        present = np.flatnonzero(votes.is_valid().to_numpy(zero_copy_only=False))
-        if len(present):
-            agree[present] &= list_matrix(votes.take(present), np.float64) == direction[present]
-    return agree
-
-
-def cell_candidates(batch: pa.Table, config: AssembleConfig) -> pa.Table:
-    """CANDIDATES_SCHEMA: (dimension, direction, draw key, pair_id, thread_id) for each cell an
-    eligible pair can stand in: a forum pair with `test_items` items in both behavioural
-    personas, whose pair and every persona show that direction on that dimension. Reads no
-    text; the draw key (a seeded stream per pair id) is computed for eligible pairs only."""
-    if batch.num_rows == 0:
-        return CANDIDATES_SCHEMA.empty_table()
-    agree = persona_agreement(batch)
-    forum = pc.equal(sources_of(batch["pair_id"]), FORUM).to_numpy(zero_copy_only=False)
-    items = np.minimum(batch["ugc_items"].to_numpy(), batch["pair_items"].to_numpy())
-    agree &= (forum & (items >= config.test_items))[:, None]
-    rows, dims = np.nonzero(agree)
-    eligible = np.flatnonzero(agree.any(axis=1))
-    keys = np.array([seeded_rng("test", config.seed, p).random() for p in batch["pair_id"].take(eligible).to_pylist()])
-    direction = list_matrix(batch["direction"], np.float64)
-    return pa.table(
-        {
-            "dimension": dims.astype(np.int64),
-            "direction": direction[rows, dims],
-            "key": keys[np.searchsorted(eligible, rows)],
-            "pair_id": batch["pair_id"].take(rows),
-            "thread_id": batch["thread_id"].take(rows),
-        },
-        schema=CANDIDATES_SCHEMA,
-    )
-
-
-def candidates_per_cell(config: AssembleConfig, n_dims: int) -> int:
-    """How many candidates of a cell, first in draw order, decide its draw: its own examples,
-    plus every test example that earlier cells may already have taken (at most two cells of
-    `test_per_cell` per dimension). Keeping only these makes the draw exact in bounded memory."""
-    return config.test_per_cell * (1 + 2 * n_dims)
-
-
-def draw_test(candidates: pa.Table, config: AssembleConfig, n_dims: int) -> dict[str, tuple[int, float]]:
-    """pair_id -> (dimension, direction) of the AlignX_test examples (see module docstring):
-    per dimension in index order, the first `test_per_cell` not yet drawn of each direction,
-    in draw order (the seeded key, then the pair id), as many of each as the fuller has.
-    `candidates` is bounded (`candidates_per_cell` per cell), so this runs in the driver."""
-    ordered = candidates.sort_by([("key", "ascending"), ("pair_id", "ascending")])
-    shows: dict[tuple[int, float], list[str]] = {}
-    for d, v, pair_id in zip(*(ordered[c].to_pylist() for c in ("dimension", "direction", "pair_id"))):
-        shows.setdefault((d, v), []).append(pair_id)
-    test: dict[str, tuple[int, float]] = {}
-    for d in range(n_dims):
-        if config.test_max is not None and len(test) >= config.test_max:
-            break
-        cells = [[p for p in shows.get((d, v), []) if p not in test] for v in CELL_DIRECTIONS]
-        n = min(config.test_per_cell, *map(len, cells))
-        for v, cell in zip(CELL_DIRECTIONS, cells):
-            test.update({p: (d, v) for p in cell[:n]})
-    return test
-
-
-def select_test(batch: pa.Table, config: AssembleConfig) -> dict[str, tuple[int, float]]:
-    """pair_id -> (dimension, direction) of the AlignX_test examples of these joined pairs."""
-    n_dims = len(batch["direction"][0]) if batch.num_rows else 0
-    return draw_test(cell_candidates(batch, config), config, n_dims)
+class AssembleConfig(DrawConfig):
+    """The dataset's splits: the AlignX_test draw's settings, whose `test_items` and `seed`
+    also cut each test persona to its sampled items."""
 
 
 def official_persona(
@@ -202,15 +107,6 @@ def assemble_examples(
     return pa.concat_tables([conform(part, STAGING_SCHEMA) for part in parts])
 
 
-CANDIDATES_SCHEMA = pa.schema(
-    [
-        ("dimension", pa.int64()),
-        ("direction", pa.float64()),
-        ("key", pa.float64()),
-        ("pair_id", pa.string()),
-        ("thread_id", pa.string()),
-    ]
-)
 # Assembled rows before the split: the examples, and the rejected pairs with their reason.
 STAGING_SCHEMA = schema.ALIGNX_SCHEMA.append(pa.field("reject", pa.string())).append(pa.field("thread_id", pa.string()))
 
@@ -280,8 +176,6 @@ JOINED_SCHEMA = pa.schema(
 )
 PERSONA_KINDS = {"ugc": UGC, "pair_feedback": PAIR_ITEM}
 PAIRS_PER_BUCKET = 1024  # pairs gathered per call of the co-group's UDF
-# What the test draw reads of a joined pair: no text.
-DRAW_COLUMNS = ["pair_id", "thread_id", "direction", *PERSONA_VOTES, "ugc_items", "pair_items"]
 
 
 def conform(table: pa.Table, target: pa.Schema, **constants) -> pa.Table:
@@ -533,17 +427,7 @@ def run_assemble(
         shutil.rmtree(folder, ignore_errors=True)
     write_parquet(joined(pairs_dir, personas_dir, demographics_dir, annotate_dir, universal_dir), staging / "joined")
     rows = ray.data.read_parquet(str((staging / "joined").resolve()))
-    n_dims = _direction_length(pairs_dir)
-    candidates = rows.select_columns(DRAW_COLUMNS).map_batches(
-        cell_candidates, fn_args=(config,), batch_format="pyarrow"
-    )
-    kept = candidates.groupby(["dimension", "direction"], num_partitions=shuffle_partitions()).map_groups(
-        _first_in_draw_order, fn_args=(candidates_per_cell(config, n_dims),), batch_format="pyarrow"
-    )
-    cells = _collect(kept, CANDIDATES_SCHEMA)
-    test = draw_test(cells, config, n_dims)
-    drawn = pc.is_in(cells["pair_id"], pa.array(list(test), pa.string()))
-    test_threads = set(pc.filter(cells["thread_id"], drawn).to_pylist())
+    test, test_threads = draw_test_split(rows, config, _direction_length(pairs_dir))
     examples = rows.map_batches(assemble_examples, fn_args=(test, test_threads, config), batch_format="pyarrow")
     write_parquet(examples, staging / "examples")
     assembled = ray.data.read_parquet(str((staging / "examples").resolve()))
@@ -598,16 +482,6 @@ def _direction_length(pairs_dir: Path) -> int:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1, columns=["direction"]):
             return len(batch.column(0)[0])
     return 0
-
-
-def _collect(ds, table_schema: pa.Schema) -> pa.Table:
-    """A small dataset's rows in the driver (bounded by construction)."""
-    tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    return pa.concat_tables([t.cast(table_schema) for t in tables]) if tables else table_schema.empty_table()
-
-
-def _first_in_draw_order(cell: pa.Table, keep: int) -> pa.Table:
-    return cell.sort_by([("key", "ascending"), ("pair_id", "ascending")]).slice(0, keep)
 
 
 def _of_split(batch: pa.Table, split: str) -> pa.Table:
