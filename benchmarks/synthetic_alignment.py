@@ -68,7 +68,7 @@ def cue_oracle(batch):
     for row in batch.to_pylist():
         items = (row[schema.UGC] or []) + (row[schema.PAIR] or [])
         profile = np.asarray(SPACE.aggregate_directions([i[schema.DIRECTION] for i in items])) - NEUTRAL
-        correct.append(float(profile @ (poles(row["chosen"]) - poles(row["rejected"]))) > 0)
+        correct.append(float(profile @ (poles(row[schema.CHOSEN]) - poles(row[schema.REJECTED]))) > 0)
     return pa.table({"correct": pa.array(correct, pa.bool_())})
 
 

@@ -58,6 +58,8 @@ CANDIDATES_SCHEMA = pa.schema(
         ("thread_id", pa.string()),
     ]
 )
+# Draw order: the seeded key, ties broken by pair id.
+DRAW_ORDER = [("key", "ascending"), ("pair_id", "ascending")]
 # What the draw reads of a joined pair: no text.
 DRAW_COLUMNS = ["pair_id", "thread_id", "direction", *PERSONA_VOTES, "ugc_items", "pair_items"]
 
@@ -115,7 +117,7 @@ def draw_test(candidates: pa.Table, config: DrawConfig, n_dims: int) -> dict[str
     per dimension in index order, the first `test_per_cell` not yet drawn of each direction,
     in draw order (the seeded key, then the pair id), as many of each as the fuller has.
     `candidates` is bounded (`candidates_per_cell` per cell), so this runs in the driver."""
-    ordered = candidates.sort_by([("key", "ascending"), ("pair_id", "ascending")])
+    ordered = candidates.sort_by(DRAW_ORDER)
     shows: dict[tuple[int, float], list[str]] = {}
     for d, v, pair_id in zip(*(ordered[c].to_pylist() for c in ("dimension", "direction", "pair_id"))):
         shows.setdefault((d, v), []).append(pair_id)
@@ -155,4 +157,4 @@ def draw_test_split(
 
 
 def _first_in_draw_order(cell: pa.Table, keep: int) -> pa.Table:
-    return cell.sort_by([("key", "ascending"), ("pair_id", "ascending")]).slice(0, keep)
+    return cell.sort_by(DRAW_ORDER).slice(0, keep)
