@@ -12,7 +12,7 @@ import pytest
 import torch
 from cpu import DEMO, cpu_engine
 
-from alignx_ray.build.ingest import read_records
+from alignx_ray.build.readers import read_records
 from alignx_ray.common.prompts import EXAMPLE_ANSWERS, PromptTemplates
 from alignx_ray.common.schema import REJECT_COLUMN
 from alignx_ray.common.space import OPTION_LEVELS, SPACE, PreferenceSpace

@@ -8,13 +8,12 @@ import pytest
 
 from alignx_ray.build.ingest import (
     IngestConfig,
-    Located,
     Validator,
     ingest_records,
-    read_records,
     run_ingest,
     tokenizer_validator,
 )
+from alignx_ray.build.readers import Located, read_records
 
 
 def words(text: str) -> int:

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignx_ray.build.ingest import Located, read_records
 from alignx_ray.build.public_pairs import read_universal, universal_pairs
+from alignx_ray.build.readers import Located, read_records
 from alignx_ray.common.schema import PAIRS_SCHEMA, REJECTED_SCHEMA
 from alignx_ray.common.space import CANNOT_REFLECT, DIMENSIONS, SPACE, Dimension, PreferenceSpace
 

@@ -16,9 +16,7 @@ responses and rejects written as their own datasets. The driver holds file names
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import pickle
 import shutil
 import time
@@ -31,12 +29,12 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FilenameProvider
 from transformers import AutoTokenizer
 
+from alignx_ray.build.readers import Located, file_records, input_files, records_of
 from alignx_ray.common.config import PoolConfig, Section
 from alignx_ray.common.raydata import actor_pool_args, as_rejected, shuffle_partitions, write_parquet
 from alignx_ray.common.schema import REJECTED_SCHEMA, RESPONSES_SCHEMA
@@ -63,21 +61,6 @@ class IngestConfig(Section):
     truncate: bool = False
     shard_rows: int = 2000
     pool: PoolConfig = PoolConfig(batch_size=256, concurrency=(1, 8), num_cpus=1)
-
-
-@dataclass
-class Located:
-    """A record read from input, with where it came from; `error` set when unreadable.
-
-    `file` and `row` order records as the input does (what "first" means for duplicate ids).
-    """
-
-    record: object
-    location: str
-    raw: str = ""
-    error: tuple[str, str] | None = None
-    file: str = ""
-    row: int = 0
 
 
 @dataclass
@@ -315,71 +298,6 @@ def reason_counts(rejects: pa.Table) -> pa.Table:
     """Rejected rows per reason in one block (`reason`, `reason_count`): partial counts the
     driver adds up, a row per reason and block, so no shuffle is needed."""
     return rejects.group_by("reason").aggregate([("reason", "count")])
-
-
-def input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The filesystem of `uri` and its jsonl/json/parquet files (a file, or a directory's), in path order."""
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), os.path.abspath(uri))
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no input at {uri}")
-    if info.type != pafs.FileType.Directory:
-        return fs, [path]
-    selector = pafs.FileSelector(path, recursive=True)
-    suffixes = (".jsonl", ".json", ".parquet")
-    return fs, sorted(
-        i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File and i.path.endswith(suffixes)
-    )
-
-
-def file_records(name: str, stream) -> Iterator[Located]:
-    """The records of one file (`stream`: a seekable binary file), read lazily.
-
-    Parquet rows are numbered from 0, JSON Lines lines from 1 (blank lines skipped). A JSON
-    line cut mid-write is a rejected record; a parquet file that cannot be read (cut short,
-    its footer lost) is a ValueError naming it, since how many rows it held is unknown.
-    """
-    if name.endswith(".parquet"):
-        i = 0
-        try:
-            for batch in pq.ParquetFile(stream).iter_batches():
-                for rec in batch.to_pylist():
-                    yield Located(rec, f"{name}:{i}", file=name, row=i)
-                    i += 1
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{name}: unreadable parquet file after {i} rows (cut short or corrupt): {e}") from e
-        return
-    i = 0
-    for physical in io.BufferedReader(stream):
-        for raw in physical.splitlines():  # a lone "\r" ends a line too
-            i += 1
-            if raw.strip():
-                yield _parse_line(raw, name, i)
-
-
-def read_records(uri: str) -> Iterator[Located]:
-    """Records of every jsonl/json/parquet file at `uri` (a file or a directory), in path order."""
-    yield from records_of(*input_files(uri))
-
-
-def records_of(fs: pafs.FileSystem, files: list[str]) -> Iterator[Located]:
-    """The records of `files`, in order, read lazily (so the first costs one block, not a file)."""
-    for name in files:
-        with fs.open_input_file(name) as stream:
-            yield from file_records(name, stream)
-
-
-def _parse_line(raw: bytes, name: str, i: int) -> Located:
-    location = f"{name}:{i}"
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        error = ("bad_encoding", f"not UTF-8: {e.reason}")
-        return Located(None, location, raw.decode("utf-8", "replace"), error, name, i)
-    try:
-        return Located(json.loads(text), location, text, file=name, row=i)
-    except json.JSONDecodeError as e:
-        return Located(None, location, text, ("malformed_json", str(e)), name, i)
 
 
 def detect_format(first: Located) -> str:

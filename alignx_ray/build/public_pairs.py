@@ -38,7 +38,8 @@ from itertools import chain, combinations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignx_ray.build.ingest import Located, read_records, reject, text_problem
+from alignx_ray.build.ingest import reject, text_problem
+from alignx_ray.build.readers import Located, read_records
 from alignx_ray.common.schema import PAIRS_SCHEMA, REJECTED_SCHEMA
 from alignx_ray.common.space import NEUTRAL, SPACE, PreferenceSpace, compare_levels
 
