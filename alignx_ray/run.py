@@ -28,7 +28,8 @@ from alignx_ray.build.demographics import DemographicsConfig, run_demographics
 from alignx_ray.build.ingest import IngestConfig, run_ingest
 from alignx_ray.build.pairs import PairsConfig, run_pairs
 from alignx_ray.build.personas import PersonaConfig, run_personas
-from alignx_ray.build.stats import split_sources, table1_markdown, write_split_statistics
+from alignx_ray.build.stats import split_sources
+from alignx_ray.build.stats_report import table1_markdown, write_split_statistics
 from alignx_ray.build.universal import UniversalConfig, run_universal
 from alignx_ray.common.config import RayConfig, Section, SpaceConfig
 from alignx_ray.common.lease import LeaseConfig, RunLease

@@ -90,7 +90,7 @@ def build_stages(work: Path, tokenizer_dir: Path):
     from alignx_ray.build.assemble import AssembleConfig, run_assemble
     from alignx_ray.build.pairs import PairsConfig, run_pairs
     from alignx_ray.build.personas import PersonaConfig, run_personas
-    from alignx_ray.build.stats import write_split_statistics
+    from alignx_ray.build.stats_report import write_split_statistics
     from alignx_ray.common import prompts
     from alignx_ray.common.config import PoolConfig
     from alignx_ray.common.space import SPACE

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from alignx_ray.build.stats import dataset_statistics, directions_from_table, write_statistics
+from alignx_ray.build.stats import dataset_statistics, directions_from_table
+from alignx_ray.build.stats_report import write_statistics
 from alignx_ray.common.schema import DIRECTION, DIRECTION_TYPE
 from alignx_ray.common.space import SPACE
 
