@@ -22,13 +22,12 @@ from alignx_ray.build.assemble import (
     persona_items,
 )
 from alignx_ray.build.pairs import PairsConfig, cluster_thread, draw_pairs, thread_pairs
+from alignx_ray.build.persona_pool import Pool, shard_pools
 from alignx_ray.build.personas import (
     PersonaConfig,
-    Pool,
     consistent,
     persona_rows,
     persona_stage,
-    shard_pools,
     vote,
 )
 from alignx_ray.build.test_draw import persona_agreement, select_test

@@ -43,11 +43,11 @@ import ray.data
 from pydantic import model_validator
 from ray.data.aggregate import Count, Sum
 
-from alignx_ray.build.personas import consistent, item_lists, list_matrix, vote
+from alignx_ray.build.personas import consistent, item_lists, vote
 from alignx_ray.build.public_pairs import STAGE, read_universal, source_dimensions
 from alignx_ray.common.config import PoolConfig, Section, resolve_local
 from alignx_ray.common.raydata import actor_pool_args, write_parquet, write_rejected
-from alignx_ray.common.schema import PERSONAS_SCHEMA
+from alignx_ray.common.schema import PERSONAS_SCHEMA, list_matrix
 from alignx_ray.common.seeding import seeded_rng
 from alignx_ray.common.space import NEUTRAL, PreferenceSpace
 
