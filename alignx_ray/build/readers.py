@@ -1,5 +1,5 @@
-"""Readers: forum input files (jsonl / json / parquet, local or any pyarrow filesystem URI) ->
-records with their place in the input.
+"""Readers: input files (jsonl / json / parquet, local or any pyarrow filesystem URI) -> records
+with their place in the input.
 
 Reading is lazy (a file is opened when its first record is wanted, parquet read by row group),
 and a record that cannot be read is still a record: `Located.error` holds why, so the stage
@@ -72,7 +72,7 @@ def file_records(name: str, stream) -> Iterator[Located]:
         for raw in physical.splitlines():  # a lone "\r" ends a line too
             i += 1
             if raw.strip():
-                yield parse_line(raw, name, i)
+                yield _parse_line(raw, name, i)
 
 
 def read_records(uri: str) -> Iterator[Located]:
@@ -87,7 +87,7 @@ def records_of(fs: pafs.FileSystem, files: list[str]) -> Iterator[Located]:
             yield from file_records(name, stream)
 
 
-def parse_line(raw: bytes, name: str, i: int) -> Located:
+def _parse_line(raw: bytes, name: str, i: int) -> Located:
     location = f"{name}:{i}"
     try:
         text = raw.decode("utf-8")

@@ -48,14 +48,14 @@ def write_statistics(
         if isinstance(table_or_directions, pa.Table)
         else table_or_directions
     )
-    return write_figures(dataset_statistics(directions, space), out_dir, space, report_dir)
+    return _write_figures(dataset_statistics(directions, space), out_dir, space, report_dir)
 
 
 def write_split_statistics(
     split_dir: Path, out_dir: Path, space: PreferenceSpace = SPACE, report_dir: Path | None = None
 ) -> dict:
     """`write_statistics` of a split's parquet files, computed on Ray Data (`split_statistics`)."""
-    return write_figures(split_statistics(split_dir, space), out_dir, space, report_dir)
+    return _write_figures(split_statistics(split_dir, space), out_dir, space, report_dir)
 
 
 def table1_markdown(table: dict, space: PreferenceSpace = SPACE) -> str:
@@ -81,7 +81,7 @@ def table1_markdown(table: dict, space: PreferenceSpace = SPACE) -> str:
     return "\n".join(lines + [""])
 
 
-def write_figures(stats: dict, out_dir: Path, space: PreferenceSpace, report_dir: Path | None) -> dict:
+def _write_figures(stats: dict, out_dir: Path, space: PreferenceSpace, report_dir: Path | None) -> dict:
     correlation = stats.pop("correlation")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
