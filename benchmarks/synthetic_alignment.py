@@ -3,6 +3,7 @@ synthetic AlignX, scored on held-out AlignX_test against the untrained starting 
 
     python benchmarks/synthetic_alignment.py                     # 2,400 threads, both methods
     python benchmarks/synthetic_alignment.py --threads 400 --epochs 1 --out quick.json
+    python benchmarks/synthetic_alignment.py --follow-steps 1500 --traits-per-response 1 2 --filler-sentences 0 1
 
 1. Data: the demo's generator writes `--threads` threads whose responses state their authors'
    planted traits; the planted levels are the annotations (no LLM labels them: what this
@@ -17,8 +18,10 @@ synthetic AlignX, scored on held-out AlignX_test against the untrained starting 
    each thread's wording (train reward accuracy up, held-out at chance); once the phrase bank
    is predictable, the gradient sits on the tokens that remain uncertain, which trait
    sentence comes next: where the persona should act. Both responses of every pair are
-   modelled equally, so the start prefers neither (its accuracy is reported). The reference
-   is the same model.
+   modelled equally, so the start prefers neither (its accuracy is reported). Then, with
+   `--follow-steps`, `profile_following_start` teaches it to read a PBA profile on the
+   dimensions this AlignX never plants (a 2-layer policy does not learn that from a few
+   hundred DPO or supervised steps). The reference is the same model.
 3. DPO of PBA and ICA on the project's Ray Train path (`train.dpo_trainer.run_training`:
    TorchTrainer workers running TRL's DPOTrainer, `--deepspeed` for ZeRO-3 on CPU), on the
    examples `prepare_training_data` renders once on Ray Data.
@@ -109,6 +112,107 @@ def language_model_start(
     return {"steps": steps, "loss_first": round(losses[0], 3), "loss_last": round(sum(last) / len(last), 3)}
 
 
+def profile_following_start(
+    model_dir: str,
+    out_dir: str,
+    corpus,
+    templates,
+    steps: int,
+    batch: int = 16,
+    lr: float = 1e-3,
+    lm_weight: float = 0.1,
+    held_out: int = 256,
+) -> dict:
+    """The start taught to follow a PBA profile on the dimensions this AlignX never plants.
+
+    A corpus of the same shape as `corpus` but planted only outside `corpus`'s dimensions
+    (another seed) gives (post, response, levels); the response's own levels are its profile
+    P~. The loss is -log sigmoid(log p(y | P~) - log p(y | reversed P~)) (the same response
+    under its profile and under the reversed one, so only reading the profile lowers it) plus
+    `lm_weight` times y's mean token NLL under P~. An instruct model arrives able to follow a
+    prompt; this gives the tiny one that ability, while AlignX_test's dimensions stay new to it
+    (the start's own accuracy there is reported). Returns the step count, the first and last
+    losses and how often the held-out responses are likelier under their profile."""
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignx_ray.common import prompts
+    from alignx_ray.common.space import SPACE, level_to_direction
+    from alignx_ray.fixtures import synthetic
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    outside = tuple(d for d in range(len(SPACE)) if d not in set(corpus.pool()))
+    if not outside:
+        raise ValueError("the corpus plants every dimension: none is left to teach profile-following on")
+    shape = replace(corpus, planted_dimensions=outside, n_threads=3000, n_users=300, seed=corpus.seed + 1)
+    examples = [(post, text, level_to_direction(levels)) for post, text, levels in synthetic.iter_examples(shape)]
+    examples = [e for e in examples if (e[2] != 0.5).any()]
+    rng = np.random.default_rng(0)
+    rng.shuffle(examples)
+    held, train = examples[:held_out], examples[held_out:]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def log_probs(rows, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) summed log p(response | P~ or reversed P~) and (B,) response lengths."""
+        pairs = [
+            (
+                encode(
+                    prompts.pba_prompt(tokenizer, templates, post, SPACE.describe_direction(1 - d if reverse else d))
+                ),
+                encode(text),
+            )
+            for post, text, d in rows
+        ]
+        width = max(len(p) + len(r) for p, r in pairs)
+        ids = torch.zeros(len(pairs), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros(len(pairs), width, dtype=torch.bool)
+        for i, (p, r) in enumerate(pairs):
+            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, : len(p) + len(r)] = 1
+            target[i, len(p) : len(p) + len(r)] = True
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        token = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        return (token * target[:, 1:]).sum(-1), target[:, 1:].sum(-1)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        rows = [train[i] for i in rng.choice(len(train), batch, replace=False)]
+        own, length = log_probs(rows, reverse=False)
+        reversed_, _ = log_probs(rows, reverse=True)
+        loss = -torch.nn.functional.logsigmoid(own - reversed_).mean() - lm_weight * (own / length).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        follows = [
+            (log_probs(held[i : i + 32], False)[0] > log_probs(held[i : i + 32], True)[0]).float()
+            for i in range(0, len(held), 32)
+        ]
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    last = losses[-20:]
+    return {
+        "steps": steps,
+        "dimensions": len(outside),
+        "loss_first": round(losses[0], 3),
+        "loss_last": round(sum(last) / len(last), 3),
+        "held_out_follows": round(float(torch.cat(follows).mean()), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2400, help="generated threads (about 5.5 responses each)")
@@ -122,6 +226,11 @@ def main() -> None:
     parser.add_argument("--deepspeed", action="store_true", help="ZeRO-3 (configs/deepspeed/zero3.json); else DDP")
     parser.add_argument("--max-examples", type=int, default=None, help="train on the first n examples only")
     parser.add_argument("--lm-epochs", type=float, default=2.0, help="language modelling of the start (0: none)")
+    parser.add_argument(
+        "--follow-steps", type=int, default=0, help="profile-following steps on the unplanted dimensions (0: none)"
+    )
+    parser.add_argument("--traits-per-response", type=int, nargs=2, default=[2, 5], metavar=("LO", "HI"))
+    parser.add_argument("--filler-sentences", type=int, nargs=2, default=[1, 3], metavar=("LO", "HI"))
     parser.add_argument("--out", help="also write the JSON object here")
     args = parser.parse_args()
 
@@ -152,7 +261,13 @@ def main() -> None:
         return out
 
     init_ray(demo.ray)
-    corpus = synthetic.SyntheticConfig(n_threads=args.threads, n_users=max(120, args.threads // 10), seed=args.seed)
+    corpus = synthetic.SyntheticConfig(
+        n_threads=args.threads,
+        n_users=max(120, args.threads // 10),
+        traits_per_response=tuple(args.traits_per_response),
+        filler_sentences=tuple(args.filler_sentences),
+        seed=args.seed,
+    )
     responses = timed(
         "generate",
         lambda: ray.get(ray.remote(synthetic.write_planted_annotations).remote(corpus, work / "annotate" / "data")),
@@ -181,6 +296,14 @@ def main() -> None:
             ),
         )
         start = str(work / "lm_start")
+    if args.follow_steps > 0:
+        task = ray.remote(num_cpus=2)(profile_following_start)
+        follow_figures = timed(
+            "follow_start",
+            lambda: ray.get(task.remote(start, str(work / "follow_start"), corpus, demo.prompts, args.follow_steps)),
+        )
+        print(f"profile-following start: {follow_figures}", flush=True)
+        start = str(work / "follow_start")
     dpo = demo.train.dpo.model_copy(
         update={
             "epochs": args.epochs,
@@ -256,14 +379,27 @@ def main() -> None:
         "responses": responses,
         "labels": "planted levels (no annotator)",
         "starting_policy": "the shipped tiny annotator"
-        + (f", language-modelled on the train responses ({lm_figures})" if args.lm_epochs > 0 else ""),
+        + (f", language-modelled on the train responses ({lm_figures})" if args.lm_epochs > 0 else "")
+        + (f", taught to follow P~ on the unplanted dimensions ({follow_figures})" if args.follow_steps > 0 else ""),
         "training_path": f"Ray Train TorchTrainer, {demo.train.num_workers} gloo workers, TRL DPOTrainer, "
         + ("ZeRO-3" if args.deepspeed else "DDP"),
         "train": dataset["train"],
         "n_test": dataset["test"],
         "oracle_accuracy": round(float(oracle), 4),
         "settings": {
-            k: getattr(args, k) for k in ("epochs", "lr", "beta", "batch", "seed", "test_per_cell", "lm_epochs")
+            k: getattr(args, k)
+            for k in (
+                "epochs",
+                "lr",
+                "beta",
+                "batch",
+                "seed",
+                "test_per_cell",
+                "lm_epochs",
+                "follow_steps",
+                "traits_per_response",
+                "filler_sentences",
+            )
         },
         "methods": results,
         "seconds": seconds,
