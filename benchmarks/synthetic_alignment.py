@@ -140,7 +140,8 @@ def profile_following_start(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignx_ray.common import prompts
-    from alignx_ray.common.space import SPACE, level_to_direction
+    from alignx_ray.common.space import NEUTRAL, SPACE, level_to_direction
+    from alignx_ray.engines.logprobs import response_logprobs
     from alignx_ray.fixtures import synthetic
 
     torch.manual_seed(0)
@@ -151,36 +152,16 @@ def profile_following_start(
         raise ValueError("the corpus plants every dimension: none is left to teach profile-following on")
     shape = replace(corpus, planted_dimensions=outside, n_threads=3000, n_users=300, seed=corpus.seed + 1)
     examples = [(post, text, level_to_direction(levels)) for post, text, levels in synthetic.iter_examples(shape)]
-    examples = [e for e in examples if (e[2] != 0.5).any()]
+    examples = [e for e in examples if (e[2] != NEUTRAL).any()]
     rng = np.random.default_rng(0)
     rng.shuffle(examples)
     held, train = examples[:held_out], examples[held_out:]
 
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    def log_probs(rows, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs(rows, reverse: bool):
         """(B,) summed log p(response | P~ or reversed P~) and (B,) response lengths."""
-        pairs = [
-            (
-                encode(
-                    prompts.pba_prompt(tokenizer, templates, post, SPACE.describe_direction(1 - d if reverse else d))
-                ),
-                encode(text),
-            )
-            for post, text, d in rows
-        ]
-        width = max(len(p) + len(r) for p, r in pairs)
-        ids = torch.zeros(len(pairs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros(len(pairs), width, dtype=torch.bool)
-        for i, (p, r) in enumerate(pairs):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
-            target[i, len(p) : len(p) + len(r)] = True
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        token = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        return (token * target[:, 1:]).sum(-1), target[:, 1:].sum(-1)
+        profiles = [SPACE.describe_direction(1 - d if reverse else d) for _, _, d in rows]
+        prompts_ = [prompts.pba_prompt(tokenizer, templates, post, p) for (post, _, _), p in zip(rows, profiles)]
+        return response_logprobs(model, tokenizer, prompts_, [text for _, text, _ in rows])
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -214,6 +195,9 @@ def profile_following_start(
 
 
 def main() -> None:
+    from alignx_ray.fixtures import synthetic, tiny_annotator
+
+    shape = synthetic.SyntheticConfig()  # the generator's response shape, the default here
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2400, help="generated threads (about 5.5 responses each)")
     parser.add_argument("--seed", type=int, default=7, help="the corpus seed (not one the annotator was trained on)")
@@ -229,8 +213,10 @@ def main() -> None:
     parser.add_argument(
         "--follow-steps", type=int, default=0, help="profile-following steps on the unplanted dimensions (0: none)"
     )
-    parser.add_argument("--traits-per-response", type=int, nargs=2, default=[2, 5], metavar=("LO", "HI"))
-    parser.add_argument("--filler-sentences", type=int, nargs=2, default=[1, 3], metavar=("LO", "HI"))
+    parser.add_argument(
+        "--traits-per-response", type=int, nargs=2, default=shape.traits_per_response, metavar=("LO", "HI")
+    )
+    parser.add_argument("--filler-sentences", type=int, nargs=2, default=shape.filler_sentences, metavar=("LO", "HI"))
     parser.add_argument("--out", help="also write the JSON object here")
     args = parser.parse_args()
 
@@ -243,7 +229,6 @@ def main() -> None:
     from alignx_ray.common.config import load_config
     from alignx_ray.common.raydata import init_ray
     from alignx_ray.evaluate.accuracy import run_evaluation
-    from alignx_ray.fixtures import synthetic, tiny_annotator
     from alignx_ray.run import RunConfig
     from alignx_ray.train.dpo_data import prepare_training_data
     from alignx_ray.train.dpo_trainer import run_training

@@ -12,32 +12,44 @@ import numpy as np
 SCORE_COLUMNS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")
 
 
+def response_logprobs(model, tokenizer, prompts_: list[str], responses: list[str]):
+    """One batch: (B,) summed log-probabilities of the response tokens given the prompt and (B,)
+    response lengths, as tensors on the model's device that keep their gradient (a training loop
+    backpropagates through them). Prompt and response are tokenized apart and concatenated, as
+    TRL's DPO does."""
+    import torch
+
+    device = next(model.parameters()).device
+    encoded = [
+        (tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(r, add_special_tokens=False)["input_ids"])
+        for p, r in zip(prompts_, responses)
+    ]
+    width = max(len(p) + len(r) for p, r in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(encoded):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, : len(p) + len(r)] = 1
+        target[i, len(p) : len(p) + len(r)] = True
+    ids, target = ids.to(device), target[:, 1:].to(device)
+    logits = model(input_ids=ids, attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (logp * target).sum(-1), target.sum(-1)
+
+
 def summed_logprobs(model, tokenizer, prompts_: list[str], responses: list[str], batch_size: int = 8) -> np.ndarray:
     """Sum of the response tokens' log-probabilities given the prompt (not length-normalised):
-    the quantity both the DPO reward and the paper's alignment accuracy are built on. Prompt and
-    response are tokenized apart and concatenated, as TRL's DPO does."""
+    the quantity both the DPO reward and the paper's alignment accuracy are built on."""
     import torch
 
     out = []
-    device = next(model.parameters()).device
-    for start in range(0, len(prompts_), batch_size):
-        chunk = list(zip(prompts_[start : start + batch_size], responses[start : start + batch_size]))
-        encoded = [
-            (tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(r, add_special_tokens=False)["input_ids"])
-            for p, r in chunk
-        ]
-        width = max(len(p) + len(r) for p, r in encoded)
-        ids = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, r) in enumerate(encoded):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
-            target[i, len(p) : len(p) + len(r)] = True
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-        out.append((logp * target[:, 1:].to(device)).sum(-1).double().cpu().numpy())
+    with torch.no_grad():
+        for start in range(0, len(prompts_), batch_size):
+            sums, _ = response_logprobs(
+                model, tokenizer, prompts_[start : start + batch_size], responses[start : start + batch_size]
+            )
+            out.append(sums.double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
