@@ -3,7 +3,8 @@ synthetic AlignX, scored on held-out AlignX_test against the untrained starting 
 
     python benchmarks/synthetic_alignment.py                     # 2,400 threads, both methods
     python benchmarks/synthetic_alignment.py --threads 400 --epochs 1 --out quick.json
-    python benchmarks/synthetic_alignment.py --follow-steps 1500 --traits-per-response 1 2 --filler-sentences 0 1
+    python benchmarks/synthetic_alignment.py --methods pba --max-examples 3200 --reversal-copies \
+        --follow-steps 1500 --traits-per-response 1 2 --filler-sentences 0 1
 
 1. Data: the demo's generator writes `--threads` threads whose responses state their authors'
    planted traits; the planted levels are the annotations (no LLM labels them: what this
@@ -19,12 +20,14 @@ synthetic AlignX, scored on held-out AlignX_test against the untrained starting 
    is predictable, the gradient sits on the tokens that remain uncertain, which trait
    sentence comes next: where the persona should act. Both responses of every pair are
    modelled equally, so the start prefers neither (its accuracy is reported). Then, with
-   `--follow-steps`, `profile_following_start` teaches it to read a PBA profile on the
-   dimensions this AlignX never plants (a 2-layer policy does not learn that from a few
-   hundred DPO or supervised steps). The reference is the same model.
+   `--follow-steps`, `profile_following_start` teaches it to read a persona, in the formats
+   of the methods trained (P~ for PBA, a history of PAIR items for ICA), on the dimensions
+   this AlignX never plants (a 2-layer policy does not learn that from a few hundred DPO or
+   supervised steps). The reference is the same model.
 3. DPO of PBA and ICA on the project's Ray Train path (`train.dpo_trainer.run_training`:
    TorchTrainer workers running TRL's DPOTrainer, `--deepspeed` for ZeRO-3 on CPU), on the
-   examples `prepare_training_data` renders once on Ray Data.
+   examples `prepare_training_data` renders once on Ray Data; with `--reversal-copies` each
+   is followed by its reversal (`TrainConfig.reversal_copies`).
 4. The evaluation's rule (`evaluate.accuracy.run_evaluation`) on AlignX_test with the full
    persona (PBA: P~ from the items' directions), and on the reversed persona: accuracy with
    its 95 % Wilson interval, the flip rate, and the starting model's own accuracy. Beside them
@@ -112,27 +115,61 @@ def language_model_start(
     return {"steps": steps, "loss_first": round(losses[0], 3), "loss_last": round(sum(last) / len(last), 3)}
 
 
+def history_pairs(examples, rng, items: tuple[int, int] = (2, 4)) -> list[list[dict]]:
+    """Per example, an ICA history of PAIR items that shows its own poles: for each item one
+    of its non-neutral dimensions, chosen another example's response with the same pole
+    there, rejected one with the opposite pole (the number of items drawn from `items`)."""
+    import numpy as np
+
+    from alignx_ray.common.space import NEUTRAL
+
+    by_pole: dict[tuple[int, bool], list[int]] = {}
+    for i, (_, _, direction) in enumerate(examples):
+        for dim in np.flatnonzero(direction != NEUTRAL):
+            by_pole.setdefault((int(dim), bool(direction[dim] > NEUTRAL)), []).append(i)
+    histories = []
+    for i, (_, _, direction) in enumerate(examples):
+        dims = [int(d) for d in np.flatnonzero(direction != NEUTRAL)]
+        history = []
+        for n in range(int(rng.integers(items[0], items[1] + 1))):
+            dim = dims[n % len(dims)]
+            pole = bool(direction[dim] > NEUTRAL)
+            same, opposite = (by_pole.get((dim, p)) for p in (pole, not pole))
+            if len(same) < 2 or not opposite:
+                continue
+            k = int(rng.integers(len(same)))
+            other = same[k] if same[k] != i else same[(k + 1) % len(same)]  # never the example itself
+            chosen, rejected = examples[other], examples[rng.choice(opposite)]
+            history.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]})
+        histories.append(history)
+    return histories
+
+
 def profile_following_start(
     model_dir: str,
     out_dir: str,
     corpus,
     templates,
     steps: int,
+    methods: tuple[str, ...] = ("pba",),
     batch: int = 16,
     lr: float = 1e-3,
     lm_weight: float = 0.1,
     held_out: int = 256,
 ) -> dict:
-    """The start taught to follow a PBA profile on the dimensions this AlignX never plants.
+    """The start taught to follow a persona, in the formats of `methods`, on the dimensions this
+    AlignX never plants.
 
     A corpus of the same shape as `corpus` but planted only outside `corpus`'s dimensions
-    (another seed) gives (post, response, levels); the response's own levels are its profile
-    P~. The loss is -log sigmoid(log p(y | P~) - log p(y | reversed P~)) (the same response
-    under its profile and under the reversed one, so only reading the profile lowers it) plus
-    `lm_weight` times y's mean token NLL under P~. An instruct model arrives able to follow a
-    prompt; this gives the tiny one that ability, while AlignX_test's dimensions stay new to it
-    (the start's own accuracy there is reported). Returns the step count, the first and last
-    losses and how often the held-out responses are likelier under their profile."""
+    (another seed) gives (post, response, levels). Its persona: for PBA the response's own
+    levels as P~; for ICA a history of PAIR items showing those levels (`history_pairs`). The
+    loss is -log sigmoid(log p(y | persona) - log p(y | reversed persona)) (P~ reversed, or the
+    pairs' chosen and rejected swapped: the same response under both, so only reading the
+    persona lowers it) plus `lm_weight` times y's mean token NLL under its persona; the
+    methods take turns, `steps` each. An instruct model arrives able to follow a prompt; this
+    gives the tiny one that ability, while AlignX_test's dimensions stay new to it (the start's
+    own accuracy there is reported). Returns the step count, the first and last losses and,
+    per method, how often the held-out responses are likelier under their persona."""
     from dataclasses import replace
 
     import numpy as np
@@ -155,21 +192,30 @@ def profile_following_start(
     examples = [e for e in examples if (e[2] != NEUTRAL).any()]
     rng = np.random.default_rng(0)
     rng.shuffle(examples)
-    held, train = examples[:held_out], examples[held_out:]
+    histories = history_pairs(examples, np.random.default_rng(1)) if "ica" in methods else [[]] * len(examples)
+    rows_ = [(*e, h) for e, h in zip(examples, histories)]
+    held, train = rows_[:held_out], rows_[held_out:]
 
-    def log_probs(rows, reverse: bool):
-        """(B,) summed log p(response | P~ or reversed P~) and (B,) response lengths."""
-        profiles = [SPACE.describe_direction(1 - d if reverse else d) for _, _, d in rows]
-        prompts_ = [prompts.pba_prompt(tokenizer, templates, post, p) for (post, _, _), p in zip(rows, profiles)]
-        return response_logprobs(model, tokenizer, prompts_, [text for _, text, _ in rows])
+    def log_probs(rows, method: str, reverse: bool):
+        """(B,) summed log p(response | persona or reversed persona) and (B,) response lengths."""
+        if method == "pba":
+            profiles = [SPACE.describe_direction(1 - d if reverse else d) for _, _, d, _ in rows]
+            texts = [prompts.pba_prompt(tokenizer, templates, post, p) for (post, *_), p in zip(rows, profiles)]
+        else:
+            swap = lambda h: [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in h]  # noqa: E731
+            texts = [
+                prompts.ica_prompt(tokenizer, templates, post, [], swap(h) if reverse else h) for post, _, _, h in rows
+            ]
+        return response_logprobs(model, tokenizer, texts, [text for _, text, _, _ in rows])
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(steps * len(methods)):
+        method = methods[step % len(methods)]
         rows = [train[i] for i in rng.choice(len(train), batch, replace=False)]
-        own, length = log_probs(rows, reverse=False)
-        reversed_, _ = log_probs(rows, reverse=True)
+        own, length = log_probs(rows, method, reverse=False)
+        reversed_, _ = log_probs(rows, method, reverse=True)
         loss = -torch.nn.functional.logsigmoid(own - reversed_).mean() - lm_weight * (own / length).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -177,20 +223,24 @@ def profile_following_start(
         optimizer.zero_grad()
         losses.append(loss.item())
     model.eval()
+    follows = {}
     with torch.no_grad():
-        follows = [
-            (log_probs(held[i : i + 32], False)[0] > log_probs(held[i : i + 32], True)[0]).float()
-            for i in range(0, len(held), 32)
-        ]
+        for method in methods:
+            rates = [
+                (log_probs(held[i : i + 32], method, False)[0] > log_probs(held[i : i + 32], method, True)[0]).float()
+                for i in range(0, len(held), 32)
+            ]
+            follows[method] = round(float(torch.cat(rates).mean()), 3)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     last = losses[-20:]
     return {
         "steps": steps,
+        "methods": list(methods),
         "dimensions": len(outside),
         "loss_first": round(losses[0], 3),
         "loss_last": round(sum(last) / len(last), 3),
-        "held_out_follows": round(float(torch.cat(follows).mean()), 3),
+        "held_out_follows": follows,
     }
 
 
@@ -209,6 +259,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="examples per worker per step")
     parser.add_argument("--deepspeed", action="store_true", help="ZeRO-3 (configs/deepspeed/zero3.json); else DDP")
     parser.add_argument("--max-examples", type=int, default=None, help="train on the first n examples only")
+    parser.add_argument(
+        "--reversal-copies", action="store_true", help="also train on every example's reversal (Table 5's variant)"
+    )
     parser.add_argument("--lm-epochs", type=float, default=2.0, help="language modelling of the start (0: none)")
     parser.add_argument(
         "--follow-steps", type=int, default=0, help="profile-following steps on the unplanted dimensions (0: none)"
@@ -285,7 +338,11 @@ def main() -> None:
         task = ray.remote(num_cpus=2)(profile_following_start)
         follow_figures = timed(
             "follow_start",
-            lambda: ray.get(task.remote(start, str(work / "follow_start"), corpus, demo.prompts, args.follow_steps)),
+            lambda: ray.get(
+                task.remote(
+                    start, str(work / "follow_start"), corpus, demo.prompts, args.follow_steps, tuple(args.methods)
+                )
+            ),
         )
         print(f"profile-following start: {follow_figures}", flush=True)
         start = str(work / "follow_start")
@@ -314,6 +371,7 @@ def main() -> None:
                 "method": method,
                 "dpo": dpo,
                 "max_examples": args.max_examples,
+                "reversal_copies": args.reversal_copies,
                 "deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json") if args.deepspeed else None,
             }
         )
@@ -345,6 +403,7 @@ def main() -> None:
         full, reversal = figures["persona"]["all"], figures["reversal"]["all"]
         base = figures["starting_model"]["persona"]["all"]
         results[method] = {
+            "train_rows": prepared["rows"],
             "train_examples": prepared["examples"],
             "steps": trained.get("step"),
             "train_loss": trained.get("loss"),
@@ -382,6 +441,7 @@ def main() -> None:
                 "test_per_cell",
                 "lm_epochs",
                 "follow_steps",
+                "reversal_copies",
                 "traits_per_response",
                 "filler_sentences",
             )

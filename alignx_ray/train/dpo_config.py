@@ -61,6 +61,10 @@ class TrainConfig(Section):
         here too, which is how a space extended by config is learnt (paper §6.3).
     dataset: an AlignX parquet file or folder, ours or the released one (None: the run's
         `dataset/train`). max_examples: use the first n rows in file order (None: all).
+    reversal_copies: also train on each example's reversal, the evaluation's Table 5 variant
+        (PAIR items and target swapped, directions flipped, UGC and demographic text left out),
+        so the persona alone decides which response is preferred; off in the paper, which
+        measures the reversal but does not train on it.
     prepare: the Ray Data actors that render the examples once before training (batch_size:
         parquet row groups per call; each actor loads the tokenizer once).
     fit_sample: the fit accuracy is measured on the first n prepared examples (the
@@ -78,6 +82,7 @@ class TrainConfig(Section):
     model: str | None = None
     dataset: str | None = None
     max_examples: int | None = None
+    reversal_copies: bool = False
     prepare: PoolConfig = PoolConfig(batch_size=1, concurrency=(1, 8), num_cpus=1)
     fit_sample: PositiveInt = 512
     dpo: DPOSettings = DPOSettings()

@@ -9,6 +9,8 @@ resumed run sees the same prompts.
   directions (Appendix B.1). The demographic text has no direction in the released data, so
   P~ is built from the behavioural items alone.
 Both are rendered with the policy model's chat template; chosen / rejected are the responses.
+With `reversal_copies`, each example is followed by its reversal (`reversed_example`), the
+evaluation's Table 5 construction, so the persona, not the response, decides the preference.
 
 `prepare_training_data` renders a dataset once, on Ray Data, into parquet parts that keep the
 dataset's row order; the Ray Train workers and the fit accuracy read those parts.
@@ -56,16 +58,17 @@ def profile_text(ugc: list[dict], pairs: list[dict], space: PreferenceSpace = SP
     return space.describe_direction(space.aggregate_directions(vectors))
 
 
-def dpo_example(
+def render(
     row: dict,
+    ugc: list[dict],
+    pairs: list[dict],
     method: Method,
     tokenizer,
     templates: prompts.PromptTemplates,
-    seed: int = 0,
     space: PreferenceSpace = SPACE,
 ) -> dict:
-    """{prompt, chosen, rejected, example_id} in the format of `method`."""
-    ugc, pairs = sample_items(row, seed)
+    """{prompt, chosen, rejected, example_id}: `row`'s target with these persona items in the
+    format of `method`."""
     if method == "ica":
         prompt = prompts.ica_prompt(
             tokenizer, templates, row[schema.PROMPT], ugc, pairs, row.get(schema.DEMOGRAPHIC) or ""
@@ -82,6 +85,57 @@ def dpo_example(
     }
 
 
+def dpo_example(
+    row: dict,
+    method: Method,
+    tokenizer,
+    templates: prompts.PromptTemplates,
+    seed: int = 0,
+    space: PreferenceSpace = SPACE,
+) -> dict:
+    """{prompt, chosen, rejected, example_id} in the format of `method`."""
+    ugc, pairs = sample_items(row, seed)
+    return render(row, ugc, pairs, method, tokenizer, templates, space)
+
+
+def flipped(direction: list[float] | None) -> list[float] | None:
+    return None if direction is None else [1.0 - v for v in direction]
+
+
+def reversed_example(
+    row: dict,
+    method: Method,
+    tokenizer,
+    templates: prompts.PromptTemplates,
+    seed: int = 0,
+    space: PreferenceSpace = SPACE,
+) -> dict | None:
+    """The example of `dpo_example` with its preferences reversed (Table 5): chosen and
+    rejected swapped in the target and in every sampled PAIR item, the items' directions
+    flipped, UGC comments and the demographic text left out (they cannot be reversed).
+    None when the sampled items hold no PAIR item; the id ends in `|reversed`."""
+    _, pairs = sample_items(row, seed)
+    if not pairs:
+        return None
+    swapped = [
+        {
+            **p,
+            schema.CHOSEN: p[schema.REJECTED],
+            schema.REJECTED: p[schema.CHOSEN],
+            schema.DIRECTION: flipped(p[schema.DIRECTION]),
+        }
+        for p in pairs
+    ]
+    target = {
+        **row,
+        schema.CHOSEN: row[schema.REJECTED],
+        schema.REJECTED: row[schema.CHOSEN],
+        schema.DEMOGRAPHIC: "",
+        "example_id": f"{row['example_id']}|reversed",
+    }
+    return render(target, [], swapped, method, tokenizer, templates, space)
+
+
 def dpo_batch(
     table: pa.Table,
     method: Method,
@@ -89,9 +143,15 @@ def dpo_batch(
     templates: prompts.PromptTemplates,
     seed: int = 0,
     space: PreferenceSpace = SPACE,
+    reversal_copies: bool = False,
 ) -> pa.Table:
-    """`dpo_example` of every row of an AlignX-schema table, in its order (`DPO_SCHEMA`)."""
-    rows = [dpo_example(row, method, tokenizer, templates, seed, space) for row in table.to_pylist()]
+    """`dpo_example` of every row of an AlignX-schema table, in its order (`DPO_SCHEMA`), each
+    followed by its `reversed_example` (where it has one) with `reversal_copies`."""
+    rows = []
+    for row in table.to_pylist():
+        rows.append(dpo_example(row, method, tokenizer, templates, seed, space))
+        if reversal_copies and (flip := reversed_example(row, method, tokenizer, templates, seed, space)):
+            rows.append(flip)
     return pa.Table.from_pylist(rows, DPO_SCHEMA)
 
 
@@ -135,10 +195,20 @@ def prepared_head(out_dir: str | Path, n: int) -> pa.Table:
 class Renderer:
     """Ray Data actor: loads the tokenizer once, then renders row groups, one part file each."""
 
-    def __init__(self, filesystem, method: Method, tokenizer: str, templates: dict, seed: int, out_dir: str):
+    def __init__(
+        self,
+        filesystem,
+        method: Method,
+        tokenizer: str,
+        templates: dict,
+        seed: int,
+        reversal_copies: bool,
+        out_dir: str,
+    ):
         from transformers import AutoTokenizer
 
         self.filesystem, self.method, self.seed, self.out_dir = filesystem, method, seed, Path(out_dir)
+        self.reversal_copies = reversal_copies
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.templates = prompts.PromptTemplates(**templates)
 
@@ -148,7 +218,9 @@ class Renderer:
             table = schema.to_official(
                 source.read_row_group(piece["row_group"]).slice(0, piece["rows"]), first_row=piece["first_row"]
             )
-            rendered = dpo_batch(table, self.method, self.tokenizer, self.templates, self.seed)
+            rendered = dpo_batch(
+                table, self.method, self.tokenizer, self.templates, self.seed, reversal_copies=self.reversal_copies
+            )
             target = part_path(self.out_dir, piece["part"])
             partial = target.with_name(f".{target.name}.tmp")
             pq.write_table(rendered, partial)
@@ -166,7 +238,8 @@ def prepare_training_data(
     are the dataset's rows in order (the examples `dpo_example` gives row by row), and a killed
     preparation resumes with the parts it has not written. The driver reads the footers only;
     an actor pool (`config.prepare`) reads, validates (`to_official`) and renders the rows.
-    Returns {"examples", "parts"}.
+    Returns {"rows" (read), "examples" (rendered: more than the rows with `reversal_copies`),
+    "parts"}.
     """
     import ray.data
 
@@ -183,9 +256,11 @@ def prepare_training_data(
                 "tokenizer": resolve_local(tokenizer_path),
                 "templates": templates.model_dump(),
                 "seed": config.dpo.seed,
+                "reversal_copies": config.reversal_copies,
                 "out_dir": str(out_dir),
             },
             batch_format="pyarrow",
             **actor_pool_args(config.prepare),
         ).materialize()
-    return {"examples": sum(p["rows"] for p in pieces), "parts": len(pieces)}
+    examples = sum(pq.read_metadata(part_path(out_dir, p["part"])).num_rows for p in pieces)  # footers only
+    return {"rows": sum(p["rows"] for p in pieces), "examples": examples, "parts": len(pieces)}
