@@ -81,22 +81,19 @@ def test_ica_and_pba_prompt_strings_are_pinned(tiny_tokenizer, monkeypatch):
         dpo_example(row, "sft", tiny_tokenizer, templates)
 
 
-def test_reversed_example_swaps_the_preferences_and_flips_the_profile(tiny_tokenizer, monkeypatch):
+def test_reversed_example_swaps_the_preferences_and_flips_the_profile(tiny_tokenizer):
     """Table 5's reversal as a training row: target and PAIR items swapped, directions flipped
     (P~ names the opposite poles), UGC and the demographic text gone; none without PAIR items."""
-    import alignx_ray.train.dpo_data as dpo_data
-
-    monkeypatch.setattr(dpo_data, "sample_items", lambda row, seed: (row[schema.UGC], row[schema.PAIR]))
     row, templates = pinned_row(), prompts.PromptTemplates()
-    pba = reversed_example(row, "pba", tiny_tokenizer, templates)
+    pba = reversed_example(row, row[schema.PAIR], "pba", tiny_tokenizer, templates)
     # the one PAIR item has d2 = 1.0, d3 = 0.5: flipped, d2 = 0.0 and d3 = 0.5
     assert f"***User Preferences***\n\n{SPACE[2].negative}\n\n" in pba["prompt"]
     assert (pba["chosen"], pba["rejected"]) == ("Order takeout 7.", "Try a spicy curry, friend 7.")
     assert pba["example_id"] == "ex-7|reversed"
-    ica = reversed_example(row, "ica", tiny_tokenizer, templates)
+    ica = reversed_example(row, row[schema.PAIR], "ica", tiny_tokenizer, templates)
     assert "*Chosen:*\nbad 0\n\n*Rejected:*\ngood 0" in ica["prompt"]
     assert "u-comment" not in ica["prompt"] and "An outgoing cook." not in ica["prompt"]
-    assert reversed_example(alignx_row(3, n_ugc=2, n_pair=0), "pba", tiny_tokenizer, templates) is None
+    assert reversed_example(row, [], "pba", tiny_tokenizer, templates) is None
 
 
 def test_reversal_copies_follow_their_examples(tiny_tokenizer):
@@ -147,15 +144,9 @@ def test_prepared_data_is_the_row_by_row_rendering(tmp_path, tiny_model_dir, tin
     assert prepare(ours, tmp_path / "ours-all") == expected
     assert prepare(ours, tmp_path / "ours-5", max_examples=5) == expected[:5]
     assert prepared_head(tmp_path / "ours-all", 4).to_pylist() == expected[:4]
-    with_reversals = [
-        e
-        for r in schema.to_official(pq.read_table(ours)).to_pylist()
-        for e in (
-            dpo_example(r, "ica", tiny_tokenizer, prompts.PromptTemplates()),
-            reversed_example(r, "ica", tiny_tokenizer, prompts.PromptTemplates()),
-        )
-        if e
-    ]
+    table = schema.to_official(pq.read_table(ours))
+    with_reversals = dpo_batch(table, "ica", tiny_tokenizer, prompts.PromptTemplates(), reversal_copies=True)
+    with_reversals = with_reversals.to_pylist()
     assert prepare(ours, tmp_path / "ours-reversed", reversal_copies=True) == with_reversals
     assert len(with_reversals) > len(rows)
 

@@ -103,18 +103,12 @@ def flipped(direction: list[float] | None) -> list[float] | None:
 
 
 def reversed_example(
-    row: dict,
-    method: Method,
-    tokenizer,
-    templates: prompts.PromptTemplates,
-    seed: int = 0,
-    space: PreferenceSpace = SPACE,
+    row: dict, pairs: list[dict], method: Method, tokenizer, templates: prompts.PromptTemplates, space=SPACE
 ) -> dict | None:
-    """The example of `dpo_example` with its preferences reversed (Table 5): chosen and
-    rejected swapped in the target and in every sampled PAIR item, the items' directions
+    """The example of `row` with these sampled PAIR items, its preferences reversed (Table 5):
+    chosen and rejected swapped in the target and in every PAIR item, the items' directions
     flipped, UGC comments and the demographic text left out (they cannot be reversed).
-    None when the sampled items hold no PAIR item; the id ends in `|reversed`."""
-    _, pairs = sample_items(row, seed)
+    None without PAIR items; the id ends in `|reversed`."""
     if not pairs:
         return None
     swapped = [
@@ -149,8 +143,9 @@ def dpo_batch(
     followed by its `reversed_example` (where it has one) with `reversal_copies`."""
     rows = []
     for row in table.to_pylist():
-        rows.append(dpo_example(row, method, tokenizer, templates, seed, space))
-        if reversal_copies and (flip := reversed_example(row, method, tokenizer, templates, seed, space)):
+        ugc, pairs = sample_items(row, seed)
+        rows.append(render(row, ugc, pairs, method, tokenizer, templates, space))
+        if reversal_copies and (flip := reversed_example(row, pairs, method, tokenizer, templates, space)):
             rows.append(flip)
     return pa.Table.from_pylist(rows, DPO_SCHEMA)
 
