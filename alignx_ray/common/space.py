@@ -64,6 +64,11 @@ def intensity_embedding(levels: np.ndarray, n_levels: int = L) -> np.ndarray:
     return one_hot.reshape(len(levels), levels.shape[1] * n_levels)
 
 
+def flip_direction(direction: Sequence[float] | None) -> tuple[float, ...] | None:
+    """The opposite direction (Table 5's reversal): positive and negative swap, neutral stays."""
+    return None if direction is None else tuple(1.0 - v for v in direction)
+
+
 def level_to_direction(levels) -> np.ndarray:
     """Direction of a single response (paper §4.2): above the median level is positive."""
     return compare_levels(levels, LEVEL_MEDIAN)

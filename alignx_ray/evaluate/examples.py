@@ -38,6 +38,7 @@ from alignx_ray.common.space import (
     PreferenceSpace,
     aggregate_directions,
     compare_levels,
+    flip_direction,
     level_to_direction,
 )
 from alignx_ray.engines.labelling import QuestionBank, label_batch
@@ -175,10 +176,6 @@ def variant(example: Example, persona: str, history: int | None, seed: int = 0) 
     return Variant(example, persona, history, False, tuple(ugc), tuple(pairs), demographic)
 
 
-def flip(direction: tuple[float, ...] | None) -> tuple[float, ...] | None:
-    return None if direction is None else tuple(1.0 - v for v in direction)
-
-
 def reverse(v: Variant, space: PreferenceSpace = SPACE) -> Variant | None:
     """Table 5: y_w and y_l swapped in the target and in every PAIR item, all directions
     flipped, and the profile text rewritten with the opposite labels. UGC comments and the
@@ -188,9 +185,10 @@ def reverse(v: Variant, space: PreferenceSpace = SPACE) -> Variant | None:
         return None
     e = v.example
     swapped = tuple(
-        {**p, "chosen": p["rejected"], "rejected": p["chosen"], "direction": flip(p["direction"])} for p in v.pairs
+        {**p, "chosen": p["rejected"], "rejected": p["chosen"], "direction": flip_direction(p["direction"])}
+        for p in v.pairs
     )
-    profile = None if e.profile is None else space.describe_direction(flip(space.parse_profile(e.profile)))
+    profile = None if e.profile is None else space.describe_direction(flip_direction(space.parse_profile(e.profile)))
     example = replace(
         e,
         chosen=e.rejected,
@@ -199,7 +197,7 @@ def reverse(v: Variant, space: PreferenceSpace = SPACE) -> Variant | None:
         ugc=(),
         demographic="",
         profile=profile,
-        gold=flip(e.gold),
+        gold=flip_direction(e.gold),
     )
     return replace(v, example=example, reversed=True, ugc=(), pairs=swapped, demographic="")
 

@@ -31,7 +31,7 @@ from alignx_ray.common import prompts, schema
 from alignx_ray.common.config import resolve_local
 from alignx_ray.common.raydata import actor_pool_args
 from alignx_ray.common.seeding import seeded_rng
-from alignx_ray.common.space import SPACE, PreferenceSpace
+from alignx_ray.common.space import SPACE, PreferenceSpace, flip_direction
 from alignx_ray.train.dpo_config import TrainConfig
 
 Method = Literal["ica", "pba"]
@@ -98,10 +98,6 @@ def dpo_example(
     return render(row, ugc, pairs, method, tokenizer, templates, space)
 
 
-def flipped(direction: list[float] | None) -> list[float] | None:
-    return None if direction is None else [1.0 - v for v in direction]
-
-
 def reversed_example(
     row: dict, pairs: list[dict], method: Method, tokenizer, templates: prompts.PromptTemplates, space=SPACE
 ) -> dict | None:
@@ -116,7 +112,7 @@ def reversed_example(
             **p,
             schema.CHOSEN: p[schema.REJECTED],
             schema.REJECTED: p[schema.CHOSEN],
-            schema.DIRECTION: flipped(p[schema.DIRECTION]),
+            schema.DIRECTION: flip_direction(p[schema.DIRECTION]),
         }
         for p in pairs
     ]
